@@ -1,0 +1,76 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::anyhow;
+use piehole_node::config::{parse_peers, NodeSettings};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// This node's id (a positive integer, one of --peers).
+    #[arg(long)]
+    id: Option<u64>,
+    /// Where the node keeps its log, state and socket.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Peer API address, HOST:PORT (numeric IP).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Every member: ID=HOST:PORT,ID=HOST:PORT,...
+    #[arg(long, value_parser = parse_peers)]
+    peers: Option<std::collections::BTreeMap<String, String>>,
+    /// Compatibility mode: etcd v3 endpoints instead of the embedded Raft.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Option<Vec<String>>,
+    /// File holding the cluster secret (else PIEHOLE_CLUSTER_SECRET).
+    #[arg(long)]
+    cluster_secret_file: Option<PathBuf>,
+    /// Longest a ref update may wait for the cluster before failing [default: 10000].
+    #[arg(long)]
+    request_timeout_ms: Option<u64>,
+    /// Compact the Raft log every this many entries [default: 1000].
+    #[arg(long)]
+    snapshot_interval: Option<u64>,
+    /// How often every replica is compared with the consensus [default: 5000].
+    #[arg(long)]
+    reconcile_interval_ms: Option<u64>,
+    /// Read these settings from a TOML file (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let file = match &a.config {
+        Some(path) => NodeSettings::from_toml_file(path).map_err(|e| anyhow!(e))?,
+        None => NodeSettings::default(),
+    };
+    let flags = NodeSettings {
+        id: a.id,
+        data_dir: a.data_dir,
+        listen: a.listen,
+        peers: a.peers,
+        cluster_secret_file: a.cluster_secret_file,
+        request_timeout_ms: a.request_timeout_ms,
+        snapshot_interval: a.snapshot_interval,
+        reconcile_interval_ms: a.reconcile_interval_ms,
+        etcd: a.etcd,
+    };
+    let env_secret = std::env::var("PIEHOLE_CLUSTER_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let config = file
+        .merge(flags)
+        .into_config(env_secret)
+        .map_err(|e| anyhow!(e))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(piehole_node::server::run(config))?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,128 @@
+//! The peer API: raft messages in, packs out, status for `piehole status`.
+//! Every call must carry the cluster secret (when one is set) and come from
+//! a known member; anything else is refused and logged.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{mpsc, Arc};
+
+use piehole_protocol::limits::{FROM_HEADER, PACK_CHUNK_BYTES, SECRET_HEADER};
+use piehole_protocol::pb::{self, peer_server::Peer};
+use piehole_protocol::validate;
+use protobuf::Message as _;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::invalid;
+use crate::consensus::raft::DriverMsg;
+use crate::replicator::Replicator;
+
+pub struct PeerService {
+    pub inbox: mpsc::Sender<DriverMsg>,
+    pub replicator: Arc<Replicator>,
+}
+
+/// Checks the secret and the caller's id on every peer call.
+#[derive(Clone)]
+pub struct PeerGate {
+    pub secret: Option<Arc<str>>,
+    pub members: Arc<BTreeMap<u64, String>>,
+}
+
+impl tonic::service::Interceptor for PeerGate {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let md = req.metadata();
+        let from = md
+            .get(FROM_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let remote = req.remote_addr();
+        let Some(from) = from.filter(|f| self.members.contains_key(f)) else {
+            tracing::warn!(?remote, "peer call from an unknown node refused");
+            return Err(Status::permission_denied("unknown peer"));
+        };
+        if let Some(secret) = &self.secret {
+            let given = md
+                .get(SECRET_HEADER)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            if !constant_time_eq(given, secret.as_bytes()) {
+                tracing::warn!(
+                    ?remote,
+                    from,
+                    "peer call with a wrong cluster secret refused"
+                );
+                return Err(Status::unauthenticated("wrong cluster secret"));
+            }
+        }
+        Ok(req)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+type PackStream = Pin<Box<dyn Stream<Item = Result<pb::PackChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft(&self, req: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+        let batch = req.into_inner();
+        let mut msgs = Vec::with_capacity(batch.messages.len());
+        for bytes in &batch.messages {
+            let m = raft::prelude::Message::parse_from_bytes(bytes)
+                .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
+            if m.from != batch.from {
+                return Err(Status::invalid_argument(
+                    "raft message sender does not match the caller",
+                ));
+            }
+            msgs.push(m);
+        }
+        if !msgs.is_empty() {
+            self.inbox
+                .send(DriverMsg::Raft(msgs))
+                .map_err(|_| Status::unavailable("node is shutting down"))?;
+        }
+        Ok(Response::new(pb::RaftAck {}))
+    }
+
+    type FetchPackStream = PackStream;
+
+    async fn fetch_pack(
+        &self,
+        req: Request<pb::FetchPackRequest>,
+    ) -> Result<Response<PackStream>, Status> {
+        let req = req.into_inner();
+        validate::group_name(&req.group).map_err(invalid)?;
+        if req.wants.is_empty() {
+            return Err(Status::invalid_argument("fetch with no wants"));
+        }
+        for id in req.wants.iter().chain(&req.haves) {
+            if id.is_empty() {
+                return Err(Status::invalid_argument("empty object id"));
+            }
+            validate::object_id(id).map_err(invalid)?;
+        }
+        let pack = self
+            .replicator
+            .serve_pack(&req.group, req.wants, req.haves)
+            .await
+            .map_err(Status::not_found)?;
+        let chunks: Vec<Result<pb::PackChunk, Status>> = pack
+            .chunks(PACK_CHUNK_BYTES)
+            .map(|c| Ok(pb::PackChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn peer_status(
+        &self,
+        _req: Request<pb::PeerStatusRequest>,
+    ) -> Result<Response<pb::PeerStatusReply>, Status> {
+        Ok(Response::new(pb::PeerStatusReply {
+            lag: self.replicator.lag(),
+        }))
+    }
+}

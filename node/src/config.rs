@@ -1,0 +1,205 @@
+//! A node's settings, from flags or a TOML file, checked before anything starts.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Settings as written by a user (flags or `--config FILE`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeSettings {
+    pub id: Option<u64>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    /// "1=host:port,2=host:port" on the command line; a table in TOML.
+    pub peers: Option<BTreeMap<String, String>>,
+    pub cluster_secret_file: Option<PathBuf>,
+    pub request_timeout_ms: Option<u64>,
+    pub snapshot_interval: Option<u64>,
+    pub reconcile_interval_ms: Option<u64>,
+    pub etcd: Option<Vec<String>>,
+}
+
+/// Settings after checking, as the node uses them.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Every member, this node included: id -> peer API address.
+    pub peers: BTreeMap<u64, String>,
+    pub cluster_secret: Option<String>,
+    /// Bound on how long a proposal may wait before failing with a clear error.
+    pub request_timeout: Duration,
+    pub tick: Duration,
+    pub snapshot_interval: u64,
+    pub reconcile_interval: Duration,
+}
+
+impl NodeConfig {
+    pub fn socket_path(&self) -> PathBuf {
+        self.data_dir.join("piehole.sock")
+    }
+}
+
+/// Parses "1=host:port,2=host:port".
+pub fn parse_peers(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("peer {part:?} is not of the form ID=HOST:PORT"))?;
+        out.insert(id.trim().to_string(), addr.trim().to_string());
+    }
+    Ok(out)
+}
+
+impl NodeSettings {
+    /// Later settings (flags) override earlier ones (the file).
+    pub fn merge(self, over: NodeSettings) -> NodeSettings {
+        NodeSettings {
+            id: over.id.or(self.id),
+            data_dir: over.data_dir.or(self.data_dir),
+            listen: over.listen.or(self.listen),
+            peers: over.peers.or(self.peers),
+            cluster_secret_file: over.cluster_secret_file.or(self.cluster_secret_file),
+            request_timeout_ms: over.request_timeout_ms.or(self.request_timeout_ms),
+            snapshot_interval: over.snapshot_interval.or(self.snapshot_interval),
+            reconcile_interval_ms: over.reconcile_interval_ms.or(self.reconcile_interval_ms),
+            etcd: over.etcd.or(self.etcd),
+        }
+    }
+
+    pub fn from_toml_file(path: &std::path::Path) -> Result<NodeSettings, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))
+    }
+
+    /// Checks everything that can be checked without touching the network.
+    /// `env_secret` is PIEHOLE_CLUSTER_SECRET, if set.
+    pub fn into_config(self, env_secret: Option<String>) -> Result<NodeConfig, String> {
+        let id = self.id.ok_or("--id is required")?;
+        if id == 0 {
+            return Err("--id must be a positive integer".into());
+        }
+        let data_dir = self.data_dir.ok_or("--data-dir is required")?;
+        let listen_s = self.listen.ok_or("--listen is required")?;
+        let listen: SocketAddr = listen_s.parse().map_err(|_| {
+            format!("--listen {listen_s:?} is not HOST:PORT with a numeric IP address")
+        })?;
+        if self.etcd.is_some() {
+            return Err("compatibility mode (--etcd) is not available in this build yet".into());
+        }
+        let raw_peers = self.peers.ok_or("--peers is required (ID=HOST:PORT,...)")?;
+        let mut peers = BTreeMap::new();
+        for (k, addr) in raw_peers {
+            let pid: u64 = k
+                .parse()
+                .map_err(|_| format!("peer id {k:?} is not a positive integer"))?;
+            if pid == 0 {
+                return Err("peer ids must be positive integers".into());
+            }
+            if addr.parse::<SocketAddr>().is_err() && !addr.contains(':') {
+                return Err(format!("peer {pid} address {addr:?} is not HOST:PORT"));
+            }
+            peers.insert(pid, addr);
+        }
+        if !peers.contains_key(&id) {
+            return Err(format!("--peers does not include this node's --id {id}"));
+        }
+        let cluster_secret = match (self.cluster_secret_file, env_secret) {
+            (Some(path), _) => {
+                let s = std::fs::read_to_string(&path).map_err(|e| {
+                    format!("cannot read cluster secret file {}: {e}", path.display())
+                })?;
+                Some(s.trim().to_string())
+            }
+            (None, Some(s)) => Some(s.trim().to_string()),
+            (None, None) => None,
+        };
+        if let Some(s) = &cluster_secret {
+            if s.len() < 16 {
+                return Err("the cluster secret must be at least 16 characters".into());
+            }
+        }
+        if cluster_secret.is_none() && !listen.ip().is_loopback() {
+            return Err(format!(
+                "refusing to listen on non-loopback {listen} without a cluster secret \
+                 (use --cluster-secret-file or PIEHOLE_CLUSTER_SECRET)"
+            ));
+        }
+        Ok(NodeConfig {
+            id,
+            data_dir,
+            listen,
+            peers,
+            cluster_secret,
+            request_timeout: Duration::from_millis(
+                self.request_timeout_ms.unwrap_or(10_000).max(100),
+            ),
+            tick: Duration::from_millis(100),
+            snapshot_interval: self.snapshot_interval.unwrap_or(1000).max(10),
+            reconcile_interval: Duration::from_millis(
+                self.reconcile_interval_ms.unwrap_or(5_000).max(100),
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(id: u64, listen: &str, peers: &str) -> NodeSettings {
+        NodeSettings {
+            id: Some(id),
+            data_dir: Some("/tmp/x".into()),
+            listen: Some(listen.into()),
+            peers: Some(parse_peers(peers).unwrap()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accepts_a_loopback_cluster() {
+        let c = settings(
+            2,
+            "127.0.0.1:7002",
+            "1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003",
+        )
+        .into_config(None)
+        .unwrap();
+        assert_eq!(c.peers.len(), 3);
+        assert_eq!(c.request_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn refuses_peers_without_self_and_open_listen_without_secret() {
+        let e = settings(4, "127.0.0.1:7004", "1=127.0.0.1:7001")
+            .into_config(None)
+            .unwrap_err();
+        assert!(e.contains("does not include"), "{e}");
+        let e = settings(1, "0.0.0.0:7001", "1=127.0.0.1:7001")
+            .into_config(None)
+            .unwrap_err();
+        assert!(e.contains("without a cluster secret"), "{e}");
+        assert!(settings(1, "0.0.0.0:7001", "1=127.0.0.1:7001")
+            .into_config(Some("0123456789abcdef".into()))
+            .is_ok());
+        assert!(parse_peers("1:abc").is_err());
+    }
+
+    #[test]
+    fn toml_settings() {
+        let s: NodeSettings = toml::from_str(
+            "id = 1\ndata-dir = \"/d\"\nlisten = \"127.0.0.1:1\"\n[peers]\n1 = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        assert!(s.into_config(None).is_ok());
+        assert!(toml::from_str::<NodeSettings>("bogus = 1").is_err());
+    }
+}

@@ -1,0 +1,94 @@
+//! The one seam between piehole and whatever agrees on refs.
+//!
+//! The update rule, the replicator and the APIs talk to [`Consensus`] only;
+//! they never see Raft types, so the etcd backend can sit behind the same
+//! trait. Every write returns after it is committed and applied on the node
+//! answering (linearizable); `group(.., linearizable: false)` answers from
+//! local state, which is what a minority partition can still serve.
+
+pub mod raft;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use thiserror::Error;
+use tokio::sync::broadcast;
+
+pub use crate::state::{GroupView, RefValue};
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ConsensusError {
+    #[error("no quorum: fewer than a majority of piehole nodes are reachable")]
+    NoQuorum,
+    #[error("timed out waiting for the piehole cluster to commit")]
+    TimedOut,
+    #[error("{0}")]
+    Refused(String),
+    #[error("the piehole node is shutting down")]
+    ShuttingDown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CasResult {
+    pub applied: bool,
+    /// The consensus value after the operation; the winner's when not applied.
+    pub current: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub addr: String,
+    pub reachable: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClusterStatus {
+    pub node_id: u64,
+    pub backend: &'static str,
+    /// 0 when no leader is known.
+    pub leader_id: u64,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub first_log_index: u64,
+    pub snapshot_index: u64,
+    pub snapshots_installed: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+#[async_trait]
+pub trait Consensus: Send + Sync + 'static {
+    fn node_id(&self) -> u64;
+
+    async fn cas(
+        &self,
+        group: &str,
+        ref_name: &str,
+        expected: Option<&str>,
+        new: Option<&str>,
+    ) -> Result<CasResult, ConsensusError>;
+
+    /// Replaces every consensus ref of `group` with `refs` (name -> id).
+    async fn clobber(
+        &self,
+        group: &str,
+        refs: BTreeMap<String, String>,
+    ) -> Result<(), ConsensusError>;
+
+    /// Records that `node_id` hosts a replica of `group` at `path`.
+    async fn register(&self, group: &str, node_id: u64, path: &str) -> Result<(), ConsensusError>;
+
+    async fn group(&self, group: &str, linearizable: bool) -> Result<GroupView, ConsensusError>;
+
+    /// Groups known to this node's applied state.
+    fn groups(&self) -> Vec<String>;
+
+    /// Names of groups as their state changes on this node.
+    fn subscribe(&self) -> broadcast::Receiver<String>;
+
+    fn status(&self) -> ClusterStatus;
+
+    /// (groups, consensus refs) in this node's applied state.
+    fn counts(&self) -> (u64, u64);
+}

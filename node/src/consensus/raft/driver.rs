@@ -1,0 +1,231 @@
+//! The one thread that owns the `RawNode`. Each turn: take every message
+//! waiting in the inbox, tick if due, then handle `Ready` in the library's
+//! order — persist (and fsync) entries and hard state before sending the
+//! messages that depend on them, apply committed entries, advance.
+
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use piehole_protocol::pb;
+use prost::Message as _;
+use raft::prelude::{Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, SnapshotStatus};
+
+use super::storage::RaftStorage;
+use super::{RaftProgress, Waiters};
+use crate::config::NodeConfig;
+use crate::state::StateMachine;
+
+pub enum DriverMsg {
+    /// An encoded `pb::Command` to append to the log.
+    Propose(Vec<u8>),
+    /// Messages from a peer.
+    Raft(Vec<Message>),
+    Unreachable(u64),
+    SnapshotSent {
+        to: u64,
+        ok: bool,
+    },
+}
+
+pub struct Driver {
+    raw: RawNode<RaftStorage>,
+    state: Arc<StateMachine>,
+    inbox: mpsc::Receiver<DriverMsg>,
+    outbox: Box<dyn Fn(Vec<Message>) + Send>,
+    waiters: Arc<Waiters>,
+    progress: Arc<Mutex<RaftProgress>>,
+    tick: Duration,
+    /// Compact the log once this many entries were applied since the last snapshot point.
+    snapshot_interval: u64,
+    snapshots_installed: u64,
+}
+
+impl Driver {
+    pub fn new(
+        config: &NodeConfig,
+        storage: RaftStorage,
+        state: Arc<StateMachine>,
+        inbox: mpsc::Receiver<DriverMsg>,
+        outbox: Box<dyn Fn(Vec<Message>) + Send>,
+        waiters: Arc<Waiters>,
+        progress: Arc<Mutex<RaftProgress>>,
+    ) -> anyhow::Result<Self> {
+        let raft_config = raft::Config {
+            id: config.id,
+            election_tick: 10,
+            heartbeat_tick: 2,
+            // The state machine is durable: do not hand back entries it already holds.
+            applied: state.applied(),
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        raft_config.validate()?;
+        let raw = RawNode::new(&raft_config, storage, &super::logger::logger())?;
+        Ok(Driver {
+            raw,
+            state,
+            inbox,
+            outbox,
+            waiters,
+            progress,
+            tick: config.tick,
+            snapshot_interval: config.snapshot_interval,
+            snapshots_installed: 0,
+        })
+    }
+
+    pub fn run(mut self) -> anyhow::Result<()> {
+        let mut last_tick = Instant::now();
+        loop {
+            let wait = self.tick.saturating_sub(last_tick.elapsed());
+            match self.inbox.recv_timeout(wait) {
+                Ok(msg) => self.handle(msg),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            // Batch whatever else arrived so one fsync covers it all.
+            while let Ok(msg) = self.inbox.try_recv() {
+                self.handle(msg);
+            }
+            if last_tick.elapsed() >= self.tick {
+                self.raw.tick();
+                last_tick = Instant::now();
+            }
+            self.on_ready()?;
+            self.publish_progress();
+        }
+    }
+
+    fn handle(&mut self, msg: DriverMsg) {
+        match msg {
+            DriverMsg::Propose(data) => {
+                // A dropped proposal (no leader yet) is offered again by its caller.
+                if let Err(e) = self.raw.propose(vec![], data) {
+                    tracing::debug!(error = %e, "proposal dropped");
+                }
+            }
+            DriverMsg::Raft(msgs) => {
+                for m in msgs {
+                    if let Err(e) = self.raw.step(m) {
+                        tracing::debug!(error = %e, "raft message ignored");
+                    }
+                }
+            }
+            DriverMsg::Unreachable(id) => self.raw.report_unreachable(id),
+            DriverMsg::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+            }
+        }
+    }
+
+    fn on_ready(&mut self) -> anyhow::Result<()> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        // A leader may send before persisting (raft thesis 10.2.1).
+        if !ready.messages().is_empty() {
+            (self.outbox)(ready.take_messages());
+        }
+        if !ready.snapshot().is_empty() {
+            self.install_snapshot(ready.snapshot())?;
+        }
+        self.apply(ready.take_committed_entries())?;
+        let store = self.raw.store();
+        store.append(ready.entries())?;
+        if let Some(hs) = ready.hs() {
+            store.set_hard_state(hs)?;
+        }
+        store.flush()?;
+        if !ready.persisted_messages().is_empty() {
+            (self.outbox)(ready.take_persisted_messages());
+        }
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw.store().set_commit(commit)?;
+        }
+        (self.outbox)(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        self.maybe_compact()
+    }
+
+    fn install_snapshot(&mut self, snap: &Snapshot) -> anyhow::Result<()> {
+        let index = snap.get_metadata().index;
+        tracing::info!(index, "installing snapshot from leader");
+        self.state.restore(index, &snap.data)?;
+        self.raw.mut_store().apply_snapshot(snap)?;
+        self.raw.store().flush()?;
+        self.snapshots_installed += 1;
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> anyhow::Result<()> {
+        for entry in entries {
+            if entry.data.is_empty() || entry.get_entry_type() != EntryType::EntryNormal {
+                self.state.skip(entry.index)?;
+                continue;
+            }
+            let cmd = match pb::Command::decode(&entry.data[..]) {
+                Ok(cmd) => cmd,
+                Err(e) => {
+                    tracing::error!(index = entry.index, error = %e, "undecodable log entry skipped");
+                    self.state.skip(entry.index)?;
+                    continue;
+                }
+            };
+            let outcome = self.state.apply(entry.index, &cmd)?;
+            if cmd.origin_node == self.raw.raft.id {
+                let waiter = self
+                    .waiters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&cmd.request_id);
+                if let Some(tx) = waiter {
+                    let _ = tx.send(outcome);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self) -> anyhow::Result<()> {
+        // A short tail stays so a follower a moment behind needs no snapshot.
+        const KEEP: u64 = 64;
+        let applied = self.state.applied();
+        let store = self.raw.store();
+        let snapshot_index = store.snapshot_metadata()?.index;
+        let target = applied.saturating_sub(KEEP);
+        if target >= snapshot_index + self.snapshot_interval && target <= store.last_index_now()? {
+            // The state machine must be on disk before the log that rebuilds it goes.
+            store.flush()?;
+            store.compact(target)?;
+            tracing::info!(applied, compacted_to = target, "log compacted");
+        }
+        Ok(())
+    }
+
+    fn publish_progress(&self) {
+        let raft = &self.raw.raft;
+        let store = self.raw.store();
+        let p = RaftProgress {
+            leader_id: raft.leader_id,
+            term: raft.term,
+            commit_index: raft.raft_log.committed,
+            applied_index: self.state.applied(),
+            first_log_index: store.first_index_now().unwrap_or(0),
+            snapshot_index: store.snapshot_metadata().map(|m| m.index).unwrap_or(0),
+            snapshots_installed: self.snapshots_installed,
+        };
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+}

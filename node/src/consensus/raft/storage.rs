@@ -1,0 +1,265 @@
+//! The Raft log, hard state and snapshot metadata in sled.
+//!
+//! Entries are written by the driver (`append`, `set_hard_state`) and made
+//! durable with [`RaftStorage::flush`] before anything that depends on them
+//! is sent. Snapshot *data* is never stored here: the state machine is the
+//! snapshot, so `snapshot()` serialises it fresh at its applied index.
+
+use std::sync::Arc;
+
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+
+use crate::state::StateMachine;
+
+const HARD_STATE: &[u8] = b"hard_state";
+const CONF_STATE: &[u8] = b"conf_state";
+const SNAPSHOT_META: &[u8] = b"snapshot_meta";
+
+pub struct RaftStorage {
+    db: sled::Db,
+    /// Log entries keyed by big-endian index, so sled's order is log order.
+    log: sled::Tree,
+    /// Hard state, conf state, snapshot metadata.
+    meta: sled::Tree,
+    state: Arc<StateMachine>,
+}
+
+fn store_err(e: impl std::fmt::Display) -> raft::Error {
+    raft::Error::Store(StorageError::Other(e.to_string().into()))
+}
+
+fn decode<M: protobuf::Message>(bytes: &[u8]) -> raft::Result<M> {
+    M::parse_from_bytes(bytes).map_err(store_err)
+}
+
+impl RaftStorage {
+    /// Opens the log in `db`. A fresh log is initialised with `voters` as the
+    /// configuration, so every member of a new cluster starts from the same
+    /// state and no bootstrap step is needed.
+    pub fn open(db: sled::Db, state: Arc<StateMachine>, voters: &[u64]) -> anyhow::Result<Self> {
+        let storage = RaftStorage {
+            log: db.open_tree("raft_log")?,
+            meta: db.open_tree("raft_meta")?,
+            db,
+            state,
+        };
+        if storage.meta.get(CONF_STATE)?.is_none() {
+            let mut cs = ConfState::default();
+            cs.voters = voters.to_vec();
+            storage.meta.insert(CONF_STATE, cs.write_to_bytes()?)?;
+            storage.flush()?;
+        }
+        Ok(storage)
+    }
+
+    pub fn flush(&self) -> anyhow::Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn snapshot_metadata(&self) -> raft::Result<SnapshotMetadata> {
+        match self.meta.get(SNAPSHOT_META).map_err(store_err)? {
+            Some(b) => decode(&b),
+            None => Ok(SnapshotMetadata::default()),
+        }
+    }
+
+    fn conf_state(&self) -> raft::Result<ConfState> {
+        match self.meta.get(CONF_STATE).map_err(store_err)? {
+            Some(b) => decode(&b),
+            None => Ok(ConfState::default()),
+        }
+    }
+
+    pub fn hard_state(&self) -> raft::Result<HardState> {
+        match self.meta.get(HARD_STATE).map_err(store_err)? {
+            Some(b) => decode(&b),
+            None => Ok(HardState::default()),
+        }
+    }
+
+    pub fn set_hard_state(&self, hs: &HardState) -> raft::Result<()> {
+        let bytes = hs.write_to_bytes().map_err(store_err)?;
+        self.meta.insert(HARD_STATE, bytes).map_err(store_err)?;
+        Ok(())
+    }
+
+    pub fn set_commit(&self, commit: u64) -> raft::Result<()> {
+        let mut hs = self.hard_state()?;
+        hs.commit = commit;
+        self.set_hard_state(&hs)
+    }
+
+    /// Appends entries, replacing any conflicting suffix of the log.
+    pub fn append(&self, entries: &[Entry]) -> raft::Result<()> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let mut batch = sled::Batch::default();
+        // Raft may overwrite an uncommitted suffix after a leader change.
+        for old in self.log.range(first.index.to_be_bytes()..) {
+            let (k, _) = old.map_err(store_err)?;
+            batch.remove(k);
+        }
+        for e in entries {
+            batch.insert(
+                &e.index.to_be_bytes(),
+                e.write_to_bytes().map_err(store_err)?,
+            );
+        }
+        self.log.apply_batch(batch).map_err(store_err)
+    }
+
+    /// Drops log entries up to and including `index`, recording `index` as
+    /// the snapshot point. Called after the state machine applied `index`.
+    pub fn compact(&self, index: u64) -> raft::Result<()> {
+        let term = self.term_of(index)?;
+        let mut meta = SnapshotMetadata::default();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(self.conf_state()?);
+        self.meta
+            .insert(SNAPSHOT_META, meta.write_to_bytes().map_err(store_err)?)
+            .map_err(store_err)?;
+        let mut batch = sled::Batch::default();
+        for old in self.log.range(..=index.to_be_bytes()) {
+            let (k, _) = old.map_err(store_err)?;
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch).map_err(store_err)
+    }
+
+    /// Installs a snapshot received from the leader: the log is replaced by
+    /// the snapshot point. The caller restores the state machine.
+    pub fn apply_snapshot(&self, snap: &Snapshot) -> raft::Result<()> {
+        let meta = snap.get_metadata();
+        let mut batch = sled::Batch::default();
+        for old in self.log.iter() {
+            let (k, _) = old.map_err(store_err)?;
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch).map_err(store_err)?;
+        self.meta
+            .insert(SNAPSHOT_META, meta.write_to_bytes().map_err(store_err)?)
+            .map_err(store_err)?;
+        self.meta
+            .insert(
+                CONF_STATE,
+                meta.get_conf_state().write_to_bytes().map_err(store_err)?,
+            )
+            .map_err(store_err)?;
+        let mut hs = self.hard_state()?;
+        hs.term = hs.term.max(meta.term);
+        hs.commit = meta.index;
+        self.set_hard_state(&hs)
+    }
+
+    fn entry(&self, index: u64) -> raft::Result<Option<Entry>> {
+        match self.log.get(index.to_be_bytes()).map_err(store_err)? {
+            Some(b) => Ok(Some(decode(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn term_of(&self, idx: u64) -> raft::Result<u64> {
+        let snap = self.snapshot_metadata()?;
+        if idx == snap.index {
+            return Ok(snap.term);
+        }
+        if idx < snap.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        match self.entry(idx)? {
+            Some(e) => Ok(e.term),
+            None => Err(raft::Error::Store(StorageError::Unavailable)),
+        }
+    }
+
+    fn first(&self) -> raft::Result<u64> {
+        match self.log.first().map_err(store_err)? {
+            Some((k, _)) => Ok(index_of(&k)),
+            None => Ok(self.snapshot_metadata()?.index + 1),
+        }
+    }
+
+    fn last(&self) -> raft::Result<u64> {
+        match self.log.last().map_err(store_err)? {
+            Some((k, _)) => Ok(index_of(&k)),
+            None => Ok(self.snapshot_metadata()?.index),
+        }
+    }
+}
+
+impl RaftStorage {
+    pub fn first_index_now(&self) -> raft::Result<u64> {
+        self.first()
+    }
+
+    pub fn last_index_now(&self) -> raft::Result<u64> {
+        self.last()
+    }
+}
+
+fn index_of(key: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&key[..8]);
+    u64::from_be_bytes(b)
+}
+
+impl raft::Storage for RaftStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(self.hard_state()?, self.conf_state()?))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < self.first()? {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        let mut out = Vec::with_capacity((high - low) as usize);
+        for kv in self.log.range(low.to_be_bytes()..high.to_be_bytes()) {
+            let (_, v) = kv.map_err(store_err)?;
+            out.push(decode::<Entry>(&v)?);
+        }
+        if out.len() as u64 != high - low {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        raft::util::limit_size(&mut out, max_size.into());
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.term_of(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        self.first()
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.last()
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let (applied, data) = self.state.snapshot().map_err(store_err)?;
+        if applied < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let mut snap = Snapshot::default();
+        snap.data = data.into();
+        let meta = snap.mut_metadata();
+        meta.index = applied;
+        meta.term = self.term_of(applied)?;
+        meta.set_conf_state(self.conf_state()?);
+        Ok(snap)
+    }
+}

@@ -1,0 +1,25 @@
+//! The piehole node.
+//!
+//! Module map, in the order a push passes through them:
+//! - [`api::local`]: the Unix-socket API the hook and the CLI call.
+//! - [`update_rule`]: SPEC §3, accept or reject one ref update.
+//! - [`consensus`]: the one trait the rest talks to; [`consensus::raft`] is
+//!   the embedded Raft backend (driver thread, sled log, transport).
+//! - [`state`]: the deterministic state machine (groups, replicas, refs).
+//! - [`replicator`]: makes local repositories match the consensus, fetching
+//!   packs from peers through [`api::peer`].
+//! - [`config`], [`server`]: settings and wiring.
+//!
+//! Invariants: `consensus` and `state` never touch git; the update rule and
+//! the replicator never see Raft types.
+
+pub mod api;
+pub mod config;
+pub mod consensus;
+pub mod peer_client;
+pub mod replicator;
+pub mod server;
+pub mod state;
+pub mod update_rule;
+
+pub use config::{NodeConfig, NodeSettings};

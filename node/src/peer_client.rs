@@ -1,0 +1,44 @@
+//! A client for a peer's API, with the cluster secret attached to every call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use piehole_protocol::limits::{FROM_HEADER, SECRET_HEADER};
+use piehole_protocol::pb::peer_client::PeerClient as GrpcPeerClient;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// Who we are and the secret we prove it with.
+#[derive(Clone)]
+pub struct PeerAuth {
+    pub from: u64,
+    pub secret: Option<Arc<str>>,
+}
+
+impl tonic::service::Interceptor for PeerAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let md = req.metadata_mut();
+        md.insert(FROM_HEADER, MetadataValue::from(self.from));
+        if let Some(secret) = &self.secret {
+            let v = MetadataValue::try_from(secret.as_ref())
+                .map_err(|_| tonic::Status::internal("cluster secret is not valid header text"))?;
+            md.insert(SECRET_HEADER, v);
+        }
+        Ok(req)
+    }
+}
+
+pub type PeerClient = GrpcPeerClient<InterceptedService<Channel, PeerAuth>>;
+
+/// Connects lazily: the first call dials, a dead peer fails fast.
+pub fn connect(addr: &str, auth: &PeerAuth) -> anyhow::Result<PeerClient> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(GrpcPeerClient::with_interceptor(channel, auth.clone())
+        .max_decoding_message_size(256 * 1024 * 1024)
+        .max_encoding_message_size(256 * 1024 * 1024))
+}

@@ -1,0 +1,125 @@
+//! Wires a node together and runs it until SIGINT/SIGTERM or a fatal error.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use piehole_protocol::limits::MAX_MESSAGE_BYTES;
+use piehole_protocol::pb::{local_server::LocalServer, peer_server::PeerServer};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+
+use crate::api::local::LocalService;
+use crate::api::peer::{PeerGate, PeerService};
+use crate::config::NodeConfig;
+use crate::consensus::raft::RaftConsensus;
+use crate::consensus::Consensus;
+use crate::peer_client::PeerAuth;
+use crate::replicator::Replicator;
+use crate::state::StateMachine;
+
+pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o750))
+        .with_context(|| format!("data dir {} is not usable", config.data_dir.display()))?;
+    let db = sled::Config::new()
+        .path(config.data_dir.join("db"))
+        .open()
+        .map_err(|e| match e {
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
+            {
+                anyhow!(
+                    "data dir {} is in use by another piehole node",
+                    config.data_dir.display()
+                )
+            }
+            e => anyhow!("cannot open data dir {}: {e}", config.data_dir.display()),
+        })?;
+
+    // Bind both sockets before starting consensus, so a port in use is a clean error.
+    let tcp = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let sock_path = config.socket_path();
+    let _ = std::fs::remove_file(&sock_path); // the data dir lock above proves it is stale
+    let unix = UnixListener::bind(&sock_path)
+        .with_context(|| format!("cannot bind {}", sock_path.display()))?;
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o660))?;
+
+    let state = Arc::new(StateMachine::open(&db)?);
+    let auth = PeerAuth {
+        from: config.id,
+        secret: config.cluster_secret.as_deref().map(Arc::from),
+    };
+    let (raft, inbox, driver) = RaftConsensus::start(&config, db, state, auth.clone())?;
+    let consensus: Arc<dyn Consensus> = raft;
+    let replicator = Replicator::new(
+        consensus.clone(),
+        config.peers.clone(),
+        auth.clone(),
+        config.reconcile_interval,
+    );
+    tokio::spawn(replicator.clone().run());
+
+    let gate = PeerGate {
+        secret: auth.secret.clone(),
+        members: Arc::new(config.peers.clone()),
+    };
+    let peer = PeerServer::with_interceptor(
+        PeerService {
+            inbox,
+            replicator: replicator.clone(),
+        },
+        gate,
+    );
+    let local = LocalServer::new(LocalService {
+        consensus,
+        replicator,
+        peers: config.peers.clone(),
+        auth,
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let peer_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(peer)
+            .serve_with_incoming(TcpListenerStream::new(tcp)),
+    );
+    let local_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(local)
+            .serve_with_incoming(UnixListenerStream::new(unix)),
+    );
+    tracing::info!(id = config.id, listen = %config.listen, socket = %sock_path.display(), "node started");
+
+    let driver_done = tokio::task::spawn_blocking(move || driver.join());
+    let result = tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        r = driver_done => match r {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(e.context("consensus stopped")),
+            _ => Err(anyhow!("consensus thread panicked")),
+        },
+        r = peer_task => Err(anyhow!("peer API stopped: {r:?}")),
+        r = local_task => Err(anyhow!("local API stopped: {r:?}")),
+    };
+    let _ = std::fs::remove_file(&sock_path);
+    result
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

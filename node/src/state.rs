@@ -1,0 +1,396 @@
+//! The replicated state machine: groups, their replicas and their consensus
+//! refs, in one sled tree. It is deterministic — the same log gives the same
+//! state on every node — and knows nothing of terms, peers or git.
+//!
+//! Each applied command is written in one sled batch together with the
+//! applied index, so after a crash the state and the index that describes it
+//! never disagree.
+
+use std::collections::BTreeMap;
+
+use piehole_protocol::pb::{self, command::Op};
+use prost::Message as _;
+use tokio::sync::broadcast;
+
+const APPLIED: &[u8] = b"applied";
+const GROUP: u8 = b'g';
+const REF: u8 = b'r';
+const REPLICA: u8 = b'p';
+
+/// What a command did, handed back to whoever proposed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Cas {
+        applied: bool,
+        current: Option<String>,
+    },
+    Done,
+    Refused(String),
+}
+
+/// A consensus ref and the node whose proposal set it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefValue {
+    pub value: String,
+    pub proposer: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupView {
+    pub refs: BTreeMap<String, RefValue>,
+    /// node id -> repository path on that node's host
+    pub replicas: BTreeMap<u64, String>,
+}
+
+pub struct StateMachine {
+    tree: sled::Tree,
+    /// Names of groups whose refs or replicas changed; the replicator listens.
+    changes: broadcast::Sender<String>,
+}
+
+fn key(kind: u8, group: &str, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + group.len() + 1 + rest.len());
+    k.push(kind);
+    k.push(0);
+    k.extend_from_slice(group.as_bytes());
+    k.push(0);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn group_prefix(kind: u8, group: &str) -> Vec<u8> {
+    key(kind, group, b"")
+}
+
+impl StateMachine {
+    pub fn open(db: &sled::Db) -> anyhow::Result<Self> {
+        let (changes, _) = broadcast::channel(1024);
+        Ok(StateMachine {
+            tree: db.open_tree("state")?,
+            changes,
+        })
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    pub fn applied(&self) -> u64 {
+        match self.tree.get(APPLIED) {
+            Ok(Some(b)) if b.len() == 8 => {
+                u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8]))
+            }
+            _ => 0,
+        }
+    }
+
+    /// Records that `index` was applied without changing anything (empty
+    /// entries a new leader appends, configuration entries).
+    pub fn skip(&self, index: u64) -> anyhow::Result<()> {
+        self.tree.insert(APPLIED, &index.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Applies one committed command at log position `index`.
+    pub fn apply(&self, index: u64, cmd: &pb::Command) -> anyhow::Result<Outcome> {
+        let mut batch = sled::Batch::default();
+        batch.insert(APPLIED, &index.to_be_bytes());
+        let (outcome, changed) = match &cmd.op {
+            Some(Op::Register(r)) => {
+                batch.insert(group_prefix(GROUP, &r.group), b"");
+                batch.insert(
+                    key(REPLICA, &r.group, &r.node_id.to_be_bytes()),
+                    r.path.as_bytes(),
+                );
+                (Outcome::Done, Some(&r.group))
+            }
+            Some(Op::Cas(c)) => {
+                let outcome = self.cas(&mut batch, c)?;
+                (outcome, Some(&c.group))
+            }
+            Some(Op::Clobber(c)) => {
+                batch.insert(group_prefix(GROUP, &c.group), b"");
+                for old in self.tree.scan_prefix(group_prefix(REF, &c.group)) {
+                    batch.remove(old?.0);
+                }
+                for r in &c.refs {
+                    batch.insert(
+                        key(REF, &c.group, r.ref_name.as_bytes()),
+                        encode_ref(&r.value, c.proposer),
+                    );
+                }
+                (Outcome::Done, Some(&c.group))
+            }
+            Some(Op::Read(_)) => (Outcome::Done, None),
+            None => (Outcome::Refused("empty command".into()), None),
+        };
+        self.tree.apply_batch(batch)?;
+        if let Some(group) = changed {
+            // Nobody listening is fine: the replicator also reconciles periodically.
+            let _ = self.changes.send(group.clone());
+        }
+        Ok(outcome)
+    }
+
+    /// The compare-and-swap rule: equal to `new` already is success (a
+    /// retried or replayed CAS), equal to `expected` moves it, anything else
+    /// fails and reports the current value.
+    fn cas(&self, batch: &mut sled::Batch, c: &pb::CasOp) -> anyhow::Result<Outcome> {
+        let k = key(REF, &c.group, c.ref_name.as_bytes());
+        let current = self.tree.get(&k)?.map(|b| decode_ref(&b).value);
+        let current_or_empty = current.clone().unwrap_or_default();
+        if current_or_empty == c.new {
+            return Ok(Outcome::Cas {
+                applied: true,
+                current,
+            });
+        }
+        if current_or_empty != c.expected {
+            return Ok(Outcome::Cas {
+                applied: false,
+                current,
+            });
+        }
+        batch.insert(group_prefix(GROUP, &c.group), b"");
+        if c.new.is_empty() {
+            batch.remove(k);
+        } else {
+            batch.insert(k, encode_ref(&c.new, c.proposer));
+        }
+        let new = (!c.new.is_empty()).then(|| c.new.clone());
+        Ok(Outcome::Cas {
+            applied: true,
+            current: new,
+        })
+    }
+
+    pub fn groups(&self) -> Vec<String> {
+        self.tree
+            .scan_prefix([GROUP, 0])
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| String::from_utf8_lossy(&k[2..k.len() - 1]).into_owned())
+            .collect()
+    }
+
+    pub fn group(&self, group: &str) -> anyhow::Result<GroupView> {
+        let mut view = GroupView::default();
+        let prefix = group_prefix(REF, group);
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            view.refs.insert(name, decode_ref(&v));
+        }
+        let prefix = group_prefix(REPLICA, group);
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let id = u64::from_be_bytes(k[prefix.len()..].try_into()?);
+            view.replicas
+                .insert(id, String::from_utf8_lossy(&v).into_owned());
+        }
+        Ok(view)
+    }
+
+    /// Number of groups and of consensus refs, for status.
+    pub fn counts(&self) -> (u64, u64) {
+        let groups = self.tree.scan_prefix([GROUP, 0]).count() as u64;
+        let refs = self.tree.scan_prefix([REF, 0]).count() as u64;
+        (groups, refs)
+    }
+
+    /// The whole state and the index it reflects, for a Raft snapshot.
+    pub fn snapshot(&self) -> anyhow::Result<(u64, Vec<u8>)> {
+        let applied = self.applied();
+        let mut snap = pb::StateSnapshot::default();
+        for name in self.groups() {
+            let view = self.group(&name)?;
+            snap.groups.push(pb::GroupState {
+                name,
+                replicas: view
+                    .replicas
+                    .into_iter()
+                    .map(|(node_id, path)| pb::Replica { node_id, path })
+                    .collect(),
+                refs: view
+                    .refs
+                    .into_iter()
+                    .map(|(ref_name, v)| pb::ConsensusRef {
+                        ref_name,
+                        value: v.value,
+                        proposer: v.proposer,
+                    })
+                    .collect(),
+            });
+        }
+        Ok((applied, snap.encode_to_vec()))
+    }
+
+    /// Replaces the whole state with a snapshot taken at `index`, atomically.
+    pub fn restore(&self, index: u64, data: &[u8]) -> anyhow::Result<()> {
+        let snap = pb::StateSnapshot::decode(data)?;
+        let mut batch = sled::Batch::default();
+        for k in self.tree.iter().keys() {
+            batch.remove(k?);
+        }
+        batch.insert(APPLIED, &index.to_be_bytes());
+        for g in &snap.groups {
+            batch.insert(group_prefix(GROUP, &g.name), b"");
+            for r in &g.replicas {
+                batch.insert(
+                    key(REPLICA, &g.name, &r.node_id.to_be_bytes()),
+                    r.path.as_bytes(),
+                );
+            }
+            for r in &g.refs {
+                batch.insert(
+                    key(REF, &g.name, r.ref_name.as_bytes()),
+                    encode_ref(&r.value, r.proposer),
+                );
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        for g in snap.groups {
+            let _ = self.changes.send(g.name);
+        }
+        Ok(())
+    }
+}
+
+fn encode_ref(value: &str, proposer: u64) -> Vec<u8> {
+    let mut v = proposer.to_be_bytes().to_vec();
+    v.extend_from_slice(value.as_bytes());
+    v
+}
+
+fn decode_ref(bytes: &[u8]) -> RefValue {
+    let (p, v) = bytes.split_at(8.min(bytes.len()));
+    RefValue {
+        proposer: u64::from_be_bytes(p.try_into().unwrap_or([0; 8])),
+        value: String::from_utf8_lossy(v).into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sm() -> (tempfile::TempDir, StateMachine) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let sm = StateMachine::open(&db).unwrap();
+        (dir, sm)
+    }
+
+    fn cas(group: &str, r: &str, expected: &str, new: &str) -> pb::Command {
+        pb::Command {
+            origin_node: 1,
+            request_id: 1,
+            op: Some(Op::Cas(pb::CasOp {
+                group: group.into(),
+                ref_name: r.into(),
+                expected: expected.into(),
+                new: new.into(),
+                proposer: 1,
+            })),
+        }
+    }
+
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    #[test]
+    fn cas_create_move_conflict_delete_and_repeat() {
+        let (_d, sm) = sm();
+        let r = "refs/heads/main";
+        assert_eq!(
+            sm.apply(1, &cas("g", r, "", A)).unwrap(),
+            Outcome::Cas {
+                applied: true,
+                current: Some(A.into())
+            }
+        );
+        assert_eq!(
+            sm.apply(2, &cas("g", r, A, B)).unwrap(),
+            Outcome::Cas {
+                applied: true,
+                current: Some(B.into())
+            }
+        );
+        // Conflict reports the winner and changes nothing.
+        assert_eq!(
+            sm.apply(3, &cas("g", r, A, A)).unwrap(),
+            Outcome::Cas {
+                applied: false,
+                current: Some(B.into())
+            }
+        );
+        // A repeated CAS whose target is already the value succeeds without change.
+        assert_eq!(
+            sm.apply(4, &cas("g", r, A, B)).unwrap(),
+            Outcome::Cas {
+                applied: true,
+                current: Some(B.into())
+            }
+        );
+        assert_eq!(
+            sm.apply(5, &cas("g", r, B, "")).unwrap(),
+            Outcome::Cas {
+                applied: true,
+                current: None
+            }
+        );
+        assert!(sm.group("g").unwrap().refs.is_empty());
+        assert_eq!(sm.applied(), 5);
+    }
+
+    #[test]
+    fn snapshot_round_trip_and_clobber() {
+        let (_d, sm) = sm();
+        sm.apply(1, &cas("g", "refs/heads/a", "", A)).unwrap();
+        sm.apply(2, &cas("h", "refs/tags/t", "", B)).unwrap();
+        let reg = pb::Command {
+            origin_node: 2,
+            request_id: 9,
+            op: Some(Op::Register(pb::RegisterOp {
+                group: "g".into(),
+                node_id: 2,
+                path: "/srv/g.git".into(),
+            })),
+        };
+        sm.apply(3, &reg).unwrap();
+        let (idx, data) = sm.snapshot().unwrap();
+        assert_eq!(idx, 3);
+
+        let (_d2, other) = self::sm();
+        other.apply(1, &cas("zzz", "refs/heads/x", "", A)).unwrap();
+        other.restore(idx, &data).unwrap();
+        assert_eq!(other.groups(), vec!["g".to_string(), "h".to_string()]);
+        assert_eq!(other.group("g").unwrap(), sm.group("g").unwrap());
+        assert_eq!(other.applied(), 3);
+
+        let clobber = pb::Command {
+            origin_node: 1,
+            request_id: 2,
+            op: Some(Op::Clobber(pb::ClobberOp {
+                group: "g".into(),
+                refs: vec![pb::ConsensusRef {
+                    ref_name: "refs/heads/b".into(),
+                    value: B.into(),
+                    proposer: 0,
+                }],
+                proposer: 3,
+            })),
+        };
+        other.apply(4, &clobber).unwrap();
+        let g = other.group("g").unwrap();
+        assert_eq!(g.refs.keys().collect::<Vec<_>>(), vec!["refs/heads/b"]);
+        assert_eq!(
+            g.refs["refs/heads/b"],
+            RefValue {
+                value: B.into(),
+                proposer: 3
+            }
+        );
+        assert_eq!(g.replicas[&2], "/srv/g.git");
+    }
+}

@@ -1,0 +1,25 @@
+//! piehole's wire format.
+//!
+//! - [`pb`]: the prost/tonic types generated from `proto/piehole.proto`: the
+//!   local API (`Local`), the peer API (`Peer`) and the replicated `Command`.
+//! - [`validate`]: checks every value that arrives from git, the network or
+//!   the command line before anything acts on it.
+//! - [`limits`]: sizes shared by both ends of a connection.
+
+pub mod validate;
+
+#[allow(clippy::all)]
+pub mod pb {
+    tonic::include_proto!("piehole.v1");
+}
+
+pub mod limits {
+    /// Largest gRPC message either API accepts (a pack is streamed in chunks).
+    pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+    /// Chunk size of a streamed pack.
+    pub const PACK_CHUNK_BYTES: usize = 256 * 1024;
+    /// Metadata key carrying the cluster secret on peer calls.
+    pub const SECRET_HEADER: &str = "x-piehole-secret";
+    /// Metadata key naming the calling node on peer calls.
+    pub const FROM_HEADER: &str = "x-piehole-from";
+}

@@ -1,0 +1,55 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the git layer. Each variant renders as one
+/// line fit for a user's terminal or a hook's stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("{}: not a git repository", .0.display())]
+    NotARepository(PathBuf),
+
+    #[error("{}: repository is not bare", .0.display())]
+    NotBare(PathBuf),
+
+    #[error("invalid object id {0:?} (expected 40 hex digits)")]
+    InvalidId(String),
+
+    #[error("invalid ref name {0:?}")]
+    InvalidRefName(String),
+
+    #[error("object {0} is not in the repository")]
+    MissingObject(String),
+
+    #[error("ref {name} has moved: it is now {}", .current.as_deref().unwrap_or("absent"))]
+    RefMoved {
+        name: String,
+        current: Option<String>,
+    },
+
+    #[error("hook {0} exists and is not piehole's (use --force to overwrite it)")]
+    ForeignHook(String),
+
+    #[error("bad pack: {0}")]
+    BadPack(String),
+
+    #[error("{}: path is not valid UTF-8", .0.display())]
+    NonUtf8Path(PathBuf),
+
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    // libgit2's Display appends "; class=..; code=.."; the message alone reads better.
+    #[error("git: {}", .0.message())]
+    Git(#[from] git2::Error),
+}
+
+impl RepoError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> RepoError {
+        RepoError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The `update` and `post-update` hooks: thin shims that exec `piehole hook`.
+
+use std::fs;
+use std::io::{ErrorKind, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use git2::{Config, ConfigLevel, Repository};
+
+use crate::replica::open_repository;
+use crate::RepoError;
+
+/// Marker line present in every hook piehole writes; a hook containing it is "ours".
+pub const MARKER: &str = "# piehole-managed hook";
+
+/// The hooks piehole owns, in the order they are written and reported.
+const HOOKS: [&str; 2] = ["update", "post-update"];
+
+const MODE: u32 = 0o755;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallOptions {
+    pub group: String,
+    pub node_socket: PathBuf,
+    pub piehole_exe: PathBuf,
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstallReport {
+    pub hooks_written: Vec<String>,
+    /// Nothing had to change: hooks and config were already as asked.
+    pub already_installed: bool,
+}
+
+/// Installs piehole's hooks and config into the bare repository at `repo_path`.
+///
+/// Every check happens before the first write, so a refusal (non-bare
+/// repository, foreign hook without `force`) leaves the repository untouched.
+/// Relative `piehole_exe` and `node_socket` are made absolute, because git runs
+/// hooks from inside the repository, not from where install was run.
+pub fn install(repo_path: &Path, opts: &InstallOptions) -> Result<InstallReport, RepoError> {
+    let repo = open_repository(repo_path)?;
+    if !repo.is_bare() {
+        return Err(RepoError::NotBare(repo_path.to_path_buf()));
+    }
+    let exe = absolute(&opts.piehole_exe)?;
+    let node = absolute(&opts.node_socket)?;
+    let node = node
+        .to_str()
+        .ok_or_else(|| RepoError::NonUtf8Path(node.clone()))?;
+    let dir = hooks_dir(&repo);
+
+    let mut pending = Vec::new();
+    for name in HOOKS {
+        let path = dir.join(name);
+        let wanted = script(&exe, name);
+        match fs::read(&path) {
+            Ok(current) => {
+                if !is_ours(&current) && !opts.force {
+                    return Err(RepoError::ForeignHook(name.to_string()));
+                }
+                if current == wanted && mode(&path)? == MODE {
+                    continue;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(RepoError::io(path, e)),
+        }
+        pending.push((name, wanted));
+    }
+
+    fs::create_dir_all(&dir).map_err(|e| RepoError::io(&dir, e))?;
+    let mut hooks_written = Vec::new();
+    for (name, content) in pending {
+        write_hook(&dir, name, &content)?;
+        tracing::info!(hook = name, repo = %repo_path.display(), "hook written");
+        hooks_written.push(name.to_string());
+    }
+    let config_changed = write_config(&repo, &opts.group, node)?;
+    Ok(InstallReport {
+        already_installed: hooks_written.is_empty() && !config_changed,
+        hooks_written,
+    })
+}
+
+/// Problems with the repository's local setup, one human-readable line each.
+/// An empty list means the local side is fine.
+pub fn local_problems(repo_path: &Path) -> Result<Vec<String>, RepoError> {
+    let repo = open_repository(repo_path)?;
+    let mut problems = Vec::new();
+    if !repo.is_bare() {
+        problems.push("repository is not bare".to_string());
+    }
+    let dir = hooks_dir(&repo);
+    for name in HOOKS {
+        let path = dir.join(name);
+        match fs::read(&path) {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                problems.push(format!("hook {name} is missing"));
+                continue;
+            }
+            Err(e) => return Err(RepoError::io(path, e)),
+            Ok(content) if !is_ours(&content) => {
+                problems.push(format!("hook {name} is not piehole's"));
+            }
+            Ok(_) => {}
+        }
+        if mode(&path)? & 0o111 == 0 {
+            problems.push(format!("hook {name} is not executable"));
+        }
+    }
+    let config = repo.config()?;
+    if !reflog_on(&config) {
+        problems.push("reflog is off (core.logAllRefUpdates)".to_string());
+    }
+    if let Some(other) = diverted_hooks(&repo, &config, &dir) {
+        problems.push(format!(
+            "core.hooksPath is {}, so git does not run the hooks in {}",
+            other.display(),
+            dir.display()
+        ));
+    }
+    Ok(problems)
+}
+
+fn hooks_dir(repo: &Repository) -> PathBuf {
+    repo.path().join("hooks")
+}
+
+fn script(exe: &Path, hook: &str) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(b"#!/bin/sh\n");
+    s.extend_from_slice(MARKER.as_bytes());
+    s.extend_from_slice(
+        b" (written by `piehole install`; `piehole install --force` rewrites it)\n",
+    );
+    s.extend_from_slice(b"exec ");
+    s.extend_from_slice(&shell_quote(exe.as_os_str().as_bytes()));
+    s.extend_from_slice(format!(" hook {hook} \"$@\"\n").as_bytes());
+    s
+}
+
+/// Single-quotes for sh: nothing is special inside '...' except the quote
+/// itself, which becomes '\''.
+fn shell_quote(raw: &[u8]) -> Vec<u8> {
+    let mut out = vec![b'\''];
+    for &b in raw {
+        if b == b'\'' {
+            out.extend_from_slice(b"'\\''");
+        } else {
+            out.push(b);
+        }
+    }
+    out.push(b'\'');
+    out
+}
+
+fn is_ours(content: &[u8]) -> bool {
+    content
+        .windows(MARKER.len())
+        .any(|window| window == MARKER.as_bytes())
+}
+
+fn mode(path: &Path) -> Result<u32, RepoError> {
+    let meta = fs::metadata(path).map_err(|e| RepoError::io(path, e))?;
+    Ok(meta.permissions().mode() & 0o7777)
+}
+
+/// Writes through a temporary file and a rename, so a push running right
+/// now sees either the old hook or the new one, never half a script.
+fn write_hook(dir: &Path, name: &str, content: &[u8]) -> Result<(), RepoError> {
+    let path = dir.join(name);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".piehole-")
+        .tempfile_in(dir)
+        .map_err(|e| RepoError::io(dir, e))?;
+    tmp.write_all(content)
+        .map_err(|e| RepoError::io(tmp.path(), e))?;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(MODE))
+        .map_err(|e| RepoError::io(tmp.path(), e))?;
+    tmp.persist(&path)
+        .map_err(|e| RepoError::io(&path, e.error))?;
+    Ok(())
+}
+
+/// Returns whether anything had to change.
+fn write_config(repo: &Repository, group: &str, node: &str) -> Result<bool, RepoError> {
+    let mut local = repo.config()?.open_level(ConfigLevel::Local)?;
+    let mut changed = false;
+    if !reflog_on(&local) {
+        local.set_bool("core.logAllRefUpdates", true)?;
+        changed = true;
+    }
+    for (key, value) in [("piehole.group", group), ("piehole.node", node)] {
+        if local.get_string(key).ok().as_deref() != Some(value) {
+            local.set_str(key, value)?;
+            changed = true;
+        }
+    }
+    Ok(changed)
+}
+
+/// "always" (log every ref, tags included) is on too, and better.
+fn reflog_on(config: &Config) -> bool {
+    const KEY: &str = "core.logAllRefUpdates";
+    config.get_bool(KEY).unwrap_or(false)
+        || config
+            .get_string(KEY)
+            .is_ok_and(|v| v.eq_ignore_ascii_case("always"))
+}
+
+/// Where core.hooksPath sends git instead of our hooks directory, if anywhere.
+fn diverted_hooks(repo: &Repository, config: &Config, ours: &Path) -> Option<PathBuf> {
+    let configured = config.get_path("core.hooksPath").ok()?;
+    // git resolves a relative hooksPath from where hooks run: GIT_DIR of a bare repo.
+    let resolved = repo.path().join(&configured);
+    let same = match (resolved.canonicalize(), ours.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => resolved == ours,
+    };
+    (!same).then_some(configured)
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, RepoError> {
+    std::path::absolute(path).map_err(|e| RepoError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quote_survives_quotes_and_specials() {
+        assert_eq!(shell_quote(b"/usr/bin/piehole"), b"'/usr/bin/piehole'");
+        assert_eq!(shell_quote(b"/a'b/$x `y`"), b"'/a'\\''b/$x `y`'");
+    }
+
+    #[test]
+    fn marker_is_found_anywhere() {
+        assert!(is_ours(script(Path::new("/x"), "update").as_slice()));
+        assert!(!is_ours(b"#!/bin/sh\n# piehole-managed\n"));
+    }
+}
