@@ -54,8 +54,9 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         from: config.id,
         secret: config.cluster_secret.as_deref().map(Arc::from),
     };
-    let (raft, inbox, driver) = RaftConsensus::start(&config, db, state, auth.clone())?;
-    let consensus: Arc<dyn Consensus> = raft;
+    let started = RaftConsensus::start(&config, db, state, auth.clone())?;
+    let (inbox, driver) = (started.inbox, started.driver);
+    let consensus: Arc<dyn Consensus> = started.consensus;
     let replicator = Replicator::new(
         consensus.clone(),
         config.peers.clone(),

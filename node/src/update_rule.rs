@@ -35,6 +35,26 @@ pub async fn decide(
     old: Option<String>,
     new: Option<String>,
 ) -> Result<Decision, ConsensusError> {
+    // Git moves the local ref itself once we accept. Held from before the
+    // CAS, so the replicator reacting to the commit cannot move it first and
+    // make git's own update fail.
+    replicator.hold(group, ref_name);
+    let decision = decide_held(consensus, replicator, group, repo_path, ref_name, old, new).await;
+    if decision != Ok(Decision::Accept) {
+        replicator.release(group, &[ref_name.to_string()]);
+    }
+    decision
+}
+
+async fn decide_held(
+    consensus: &dyn Consensus,
+    replicator: &Replicator,
+    group: &str,
+    repo_path: &Path,
+    ref_name: &str,
+    old: Option<String>,
+    new: Option<String>,
+) -> Result<Decision, ConsensusError> {
     let mut expected = old.clone();
     let mut current = None;
     for _ in 0..MAX_ROUNDS {
@@ -42,7 +62,6 @@ pub async fn decide(
             .cas(group, ref_name, expected.as_deref(), new.as_deref())
             .await?;
         if r.applied {
-            replicator.hold(group, ref_name);
             return Ok(Decision::Accept);
         }
         current = r.current;

@@ -28,7 +28,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
                 let registered = view
                     .replicas
                     .iter()
-                    .any(|r| r.node_id == me && PathBuf::from(&r.path) == repo_path);
+                    .any(|r| r.node_id == me && std::path::Path::new(&r.path) == repo_path);
                 if !registered {
                     problems.push(format!(
                         "repository is not registered with node {me} as group {group} (run `piehole install`)"

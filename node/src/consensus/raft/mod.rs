@@ -50,6 +50,14 @@ pub struct RaftProgress {
     pub snapshots_installed: u64,
 }
 
+pub struct Started {
+    pub consensus: Arc<RaftConsensus>,
+    /// Where the peer API delivers incoming raft messages.
+    pub inbox: mpsc::Sender<DriverMsg>,
+    /// The driver thread; it ends only on a fatal storage error or shutdown.
+    pub driver: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
 pub struct RaftConsensus {
     id: u64,
     peers: BTreeMap<u64, String>,
@@ -64,18 +72,13 @@ pub struct RaftConsensus {
 
 impl RaftConsensus {
     /// Opens the log and state in `db`, starts the driver thread and the peer
-    /// senders. Returns the backend and the sender the peer API feeds
-    /// incoming raft messages into.
+    /// senders.
     pub fn start(
         config: &NodeConfig,
         db: sled::Db,
         state: Arc<StateMachine>,
         auth: PeerAuth,
-    ) -> anyhow::Result<(
-        Arc<Self>,
-        mpsc::Sender<DriverMsg>,
-        std::thread::JoinHandle<anyhow::Result<()>>,
-    )> {
+    ) -> anyhow::Result<Started> {
         let (inbox_tx, inbox_rx) = mpsc::channel();
         let health = Arc::new(PeerHealth::default());
         let outbox = transport::start(config, auth, inbox_tx.clone(), health.clone());
@@ -106,7 +109,11 @@ impl RaftConsensus {
             next_request: AtomicU64::new(rand::random::<u64>() >> 1),
             request_timeout: config.request_timeout,
         });
-        Ok((consensus, inbox_tx, handle))
+        Ok(Started {
+            consensus,
+            inbox: inbox_tx,
+            driver: handle,
+        })
     }
 
     fn quorum_reachable(&self) -> bool {
@@ -133,21 +140,28 @@ impl RaftConsensus {
             .unwrap_or_else(|e| e.into_inner())
             .insert(request_id, tx);
         let start = Instant::now();
-        let mut last_sent: Option<Instant> = None;
+        // (when, leader then): a proposal forwarded to a leader that has since
+        // died is lost, so it is offered again at once when the leader changes.
+        let mut sent: Option<(Instant, u64)> = None;
         let result = loop {
-            if last_sent.is_none_or(|t| t.elapsed() >= RESEND_EVERY) {
+            let leader = self.progress().leader_id;
+            let resend = match sent {
+                None => true,
+                Some((at, was)) => at.elapsed() >= RESEND_EVERY || (leader != 0 && leader != was),
+            };
+            if resend {
                 if self.inbox.send(DriverMsg::Propose(data.clone())).is_err() {
                     break Err(ConsensusError::ShuttingDown);
                 }
-                last_sent = Some(Instant::now());
+                sent = Some((Instant::now(), leader));
             }
-            match tokio::time::timeout(Duration::from_millis(100), &mut rx).await {
+            match tokio::time::timeout(Duration::from_millis(20), &mut rx).await {
                 Ok(Ok(outcome)) => break Ok(outcome),
                 Ok(Err(_)) => break Err(ConsensusError::ShuttingDown),
                 Err(_) => {}
             }
             let elapsed = start.elapsed();
-            let no_quorum = !self.quorum_reachable() || self.progress().leader_id == 0;
+            let no_quorum = !self.quorum_reachable() || leader == 0;
             if no_quorum && elapsed >= NO_QUORUM_AFTER.min(self.request_timeout) {
                 break Err(ConsensusError::NoQuorum);
             }

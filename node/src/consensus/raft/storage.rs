@@ -46,8 +46,10 @@ impl RaftStorage {
             state,
         };
         if storage.meta.get(CONF_STATE)?.is_none() {
-            let mut cs = ConfState::default();
-            cs.voters = voters.to_vec();
+            let cs = ConfState {
+                voters: voters.to_vec(),
+                ..Default::default()
+            };
             storage.meta.insert(CONF_STATE, cs.write_to_bytes()?)?;
             storage.flush()?;
         }
@@ -116,9 +118,11 @@ impl RaftStorage {
     /// the snapshot point. Called after the state machine applied `index`.
     pub fn compact(&self, index: u64) -> raft::Result<()> {
         let term = self.term_of(index)?;
-        let mut meta = SnapshotMetadata::default();
-        meta.index = index;
-        meta.term = term;
+        let mut meta = SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
         meta.set_conf_state(self.conf_state()?);
         self.meta
             .insert(SNAPSHOT_META, meta.write_to_bytes().map_err(store_err)?)
@@ -254,8 +258,10 @@ impl raft::Storage for RaftStorage {
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
         }
-        let mut snap = Snapshot::default();
-        snap.data = data.into();
+        let mut snap = Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
         let meta = snap.mut_metadata();
         meta.index = applied;
         meta.term = self.term_of(applied)?;
