@@ -97,19 +97,17 @@ impl Replicator {
     }
 
     /// The path of this node's replica of `group`, from local state.
-    pub async fn local_path(&self, group: &str) -> Option<PathBuf> {
-        let view = self.consensus.group(group, false).await.ok()?;
-        view.replicas.get(&self.node_id).map(PathBuf::from)
+    pub fn local_path(&self, group: &str) -> Option<PathBuf> {
+        self.consensus.hosted().remove(group).map(PathBuf::from)
     }
 
     /// The group this node hosts at `path` (as registered), if any.
-    pub async fn group_at(&self, path: &std::path::Path) -> Option<String> {
-        for g in self.consensus.groups() {
-            if self.local_path(&g).await.as_deref() == Some(path) {
-                return Some(g);
-            }
-        }
-        None
+    pub fn group_at(&self, path: &std::path::Path) -> Option<String> {
+        self.consensus
+            .hosted()
+            .into_iter()
+            .find(|(_, p)| std::path::Path::new(p) == path)
+            .map(|(g, _)| g)
     }
 
     pub fn lag(&self) -> Vec<pb::ReplicaLag> {
@@ -163,7 +161,6 @@ impl Replicator {
     ) -> Result<Vec<u8>, String> {
         let path = self
             .local_path(group)
-            .await
             .ok_or_else(|| format!("no replica of group {group} on this node"))?;
         blocking(move || {
             let repo = Replica::open(&path)?;

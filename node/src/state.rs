@@ -173,6 +173,21 @@ impl StateMachine {
             .collect()
     }
 
+    /// Every (group, path) that `node_id` hosts, without reading any refs:
+    /// this runs on every hook call.
+    pub fn hosted_by(&self, node_id: u64) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (k, v) in self.tree.scan_prefix([REPLICA, 0]).filter_map(|kv| kv.ok()) {
+            // key: 'p' 0 group 0 node_id(8)
+            if k.len() < 2 + 1 + 8 || k[k.len() - 8..] != node_id.to_be_bytes() {
+                continue;
+            }
+            let group = String::from_utf8_lossy(&k[2..k.len() - 9]).into_owned();
+            out.insert(group, String::from_utf8_lossy(&v).into_owned());
+        }
+        out
+    }
+
     pub fn group(&self, group: &str) -> anyhow::Result<GroupView> {
         let mut view = GroupView::default();
         let prefix = group_prefix(REF, group);
@@ -392,5 +407,10 @@ mod tests {
             }
         );
         assert_eq!(g.replicas[&2], "/srv/g.git");
+        assert_eq!(
+            other.hosted_by(2).into_iter().collect::<Vec<_>>(),
+            vec![("g".into(), "/srv/g.git".into())]
+        );
+        assert!(other.hosted_by(1).is_empty());
     }
 }

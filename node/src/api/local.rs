@@ -52,7 +52,7 @@ fn repo_path(p: &str) -> Result<PathBuf, Status> {
 impl LocalService {
     async fn hook_group(&self, given: &str) -> Result<(PathBuf, String), Status> {
         let path = repo_path(given)?;
-        let group = self.replicator.group_at(&path).await.ok_or_else(|| {
+        let group = self.replicator.group_at(&path).ok_or_else(|| {
             Status::failed_precondition(format!(
                 "{} is not registered with the local piehole node (run `piehole install` in it)",
                 path.display()
@@ -164,12 +164,7 @@ impl Local for LocalService {
         update_rule::blocking(move || piehole_repo::Replica::open(&check).map(|_| ()))
             .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if let Some(other) = self
-            .replicator
-            .group_at(&path)
-            .await
-            .filter(|g| g != &r.group)
-        {
+        if let Some(other) = self.replicator.group_at(&path).filter(|g| g != &r.group) {
             return Err(Status::already_exists(format!(
                 "{} is already registered as group {other}",
                 path.display()

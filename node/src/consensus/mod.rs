@@ -84,6 +84,9 @@ pub trait Consensus: Send + Sync + 'static {
     /// Groups known to this node's applied state.
     fn groups(&self) -> Vec<String>;
 
+    /// group -> repository path of every replica this node hosts (local state).
+    fn hosted(&self) -> BTreeMap<String, String>;
+
     /// Names of groups as their state changes on this node.
     fn subscribe(&self) -> broadcast::Receiver<String>;
 

@@ -273,6 +273,10 @@ impl Consensus for RaftConsensus {
         self.state.groups()
     }
 
+    fn hosted(&self) -> BTreeMap<String, String> {
+        self.state.hosted_by(self.id)
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<String> {
         self.state.subscribe()
     }
