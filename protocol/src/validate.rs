@@ -64,9 +64,11 @@ pub fn ref_name(name: &str) -> Result<(), InvalidInput> {
 }
 
 /// Checks an object id as it travels inside piehole: 40 lowercase hex
-/// characters, or empty for "absent".
+/// characters, or empty for "absent". git's all-zeros spelling of "absent"
+/// is converted at the edge ([`git_object_id`]) and refused here, so it can
+/// never become a stored value.
 pub fn object_id(id: &str) -> Result<(), InvalidInput> {
-    if id.is_empty() || is_hex40(id) {
+    if id.is_empty() || (is_hex40(id) && id != ZERO_ID) {
         Ok(())
     } else {
         Err(InvalidInput::ObjectId(id.to_string()))
@@ -169,6 +171,7 @@ mod tests {
         assert!(object_id(&"a".repeat(39)).is_err());
         assert!(object_id(&"A".repeat(40)).is_err());
         assert!(object_id(&"g".repeat(40)).is_err());
+        assert!(object_id(ZERO_ID).is_err());
         assert_eq!(git_object_id(ZERO_ID), Ok(String::new()));
         assert_eq!(git_object_id(&"AB".repeat(20)), Ok("ab".repeat(20)));
         assert!(git_object_id("xyz").is_err());

@@ -57,7 +57,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::from(1))
                 }
                 Err(e) => {
-                    eprintln!("{ref_name}: {e}; nothing was changed");
+                    eprintln!("{ref_name}: {e}");
                     Ok(ExitCode::from(1))
                 }
             }

@@ -9,7 +9,7 @@ use piehole_protocol::validate::InvalidInput;
 
 pub(crate) fn consensus_status(e: ConsensusError) -> tonic::Status {
     match e {
-        ConsensusError::NoQuorum | ConsensusError::ShuttingDown => {
+        ConsensusError::NoQuorum | ConsensusError::LostQuorum | ConsensusError::ShuttingDown => {
             tonic::Status::unavailable(e.to_string())
         }
         ConsensusError::TimedOut => tonic::Status::deadline_exceeded(e.to_string()),

@@ -18,9 +18,21 @@ pub use crate::state::{GroupView, RefValue};
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ConsensusError {
-    #[error("no quorum: fewer than a majority of piehole nodes are reachable")]
+    /// Nothing was proposed: this node cannot reach a majority.
+    #[error(
+        "no quorum: fewer than a majority of piehole nodes are reachable; nothing was changed"
+    )]
     NoQuorum,
-    #[error("timed out waiting for the piehole cluster to commit")]
+    /// Proposed, then the majority was lost before it committed.
+    #[error(
+        "no quorum: the cluster lost its majority while this update was pending; \
+         it may still take effect when the majority returns"
+    )]
+    LostQuorum,
+    /// Proposed, not committed within the bound, majority apparently there.
+    #[error(
+        "timed out waiting for the piehole cluster to commit; the update may still take effect"
+    )]
     TimedOut,
     #[error("{0}")]
     Refused(String),

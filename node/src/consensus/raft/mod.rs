@@ -35,6 +35,8 @@ const RESEND_EVERY: Duration = Duration::from_secs(2);
 /// After this long without a reachable majority a proposal fails with
 /// "no quorum" rather than waiting out the whole bound.
 const NO_QUORUM_AFTER: Duration = Duration::from_secs(3);
+/// How often a waiting proposal looks at the cluster's health.
+const POLL: Duration = Duration::from_millis(20);
 
 type Waiters = Mutex<HashMap<u64, oneshot::Sender<Outcome>>>;
 
@@ -126,7 +128,20 @@ impl RaftConsensus {
     }
 
     /// Proposes `op` and waits until this node has applied it.
+    ///
+    /// Nothing is proposed while no majority is reachable, so `NoQuorum`
+    /// means nothing changed. Once proposed, an entry cannot be withdrawn:
+    /// if the majority goes away afterwards the answer is `LostQuorum` (or
+    /// `TimedOut`), which say the outcome is unknown.
     async fn propose(&self, op: Op) -> Result<Outcome, ConsensusError> {
+        let start = Instant::now();
+        let patience = NO_QUORUM_AFTER.min(self.request_timeout);
+        while !self.can_propose() {
+            if start.elapsed() >= patience {
+                return Err(ConsensusError::NoQuorum);
+            }
+            tokio::time::sleep(POLL).await;
+        }
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let data = pb::Command {
             origin_node: self.id,
@@ -139,10 +154,10 @@ impl RaftConsensus {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(request_id, tx);
-        let start = Instant::now();
         // (when, leader then): a proposal forwarded to a leader that has since
         // died is lost, so it is offered again at once when the leader changes.
         let mut sent: Option<(Instant, u64)> = None;
+        let mut lost_since: Option<Instant> = None;
         let result = loop {
             let leader = self.progress().leader_id;
             let resend = match sent {
@@ -155,19 +170,22 @@ impl RaftConsensus {
                 }
                 sent = Some((Instant::now(), leader));
             }
-            match tokio::time::timeout(Duration::from_millis(20), &mut rx).await {
+            match tokio::time::timeout(POLL, &mut rx).await {
                 Ok(Ok(outcome)) => break Ok(outcome),
                 Ok(Err(_)) => break Err(ConsensusError::ShuttingDown),
                 Err(_) => {}
             }
-            let elapsed = start.elapsed();
-            let no_quorum = !self.quorum_reachable() || leader == 0;
-            if no_quorum && elapsed >= NO_QUORUM_AFTER.min(self.request_timeout) {
-                break Err(ConsensusError::NoQuorum);
+            lost_since = if self.can_propose() {
+                None
+            } else {
+                lost_since.or(Some(Instant::now()))
+            };
+            if lost_since.is_some_and(|t| t.elapsed() >= patience) {
+                break Err(ConsensusError::LostQuorum);
             }
-            if elapsed >= self.request_timeout {
-                break Err(if no_quorum {
-                    ConsensusError::NoQuorum
+            if start.elapsed() >= self.request_timeout {
+                break Err(if lost_since.is_some() {
+                    ConsensusError::LostQuorum
                 } else {
                     ConsensusError::TimedOut
                 });
@@ -178,6 +196,11 @@ impl RaftConsensus {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&request_id);
         result
+    }
+
+    /// A majority answers and some node leads.
+    fn can_propose(&self) -> bool {
+        self.quorum_reachable() && self.progress().leader_id != 0
     }
 
     fn progress(&self) -> RaftProgress {

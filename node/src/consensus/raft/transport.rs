@@ -27,6 +27,15 @@ pub struct PeerHealth {
 }
 
 impl PeerHealth {
+    /// A failed call makes the peer unreachable at once, so a node that
+    /// lost its majority stops proposing as soon as it can tell.
+    fn mark_failed(&self, peer: u64) {
+        self.last_ok
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&peer);
+    }
+
     fn mark(&self, peer: u64) {
         self.last_ok
             .lock()
@@ -125,6 +134,7 @@ impl PeerSender {
                     }
                 }
                 Err(status) => {
+                    self.health.mark_failed(self.to);
                     tracing::debug!(peer = self.to, error = %status.message(), "raft send failed");
                     if !batch.is_empty() {
                         let _ = self.inbox.send(DriverMsg::Unreachable(self.to));

@@ -1,0 +1,629 @@
+//! Test harness: real `piehole node` processes on loopback, driven through
+//! the `piehole` command and the local API.
+//!
+//! Rules the tests follow: no fixed sleeps; every wait is a bounded
+//! [`poll_until`]; each cluster lives in its own temporary directory and is
+//! SIGKILLed when dropped. Node stderr goes to `DIR/node-N.log`; the tails of
+//! those logs are printed when a poll times out or a test panics.
+
+#![allow(dead_code)]
+
+/// Bare replicas, work repositories and pushes (written alongside this file).
+pub mod git;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// All zeros: git's (and `piehole ref cas`'s) "absent".
+pub const ZERO: &str = "0000000000000000000000000000000000000000";
+
+/// The `piehole` binary under test.
+pub fn piehole() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_piehole"))
+}
+
+thread_local! {
+    /// Log files of the clusters alive on this thread, printed on a timeout.
+    static LOGS: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
+}
+
+fn register_log(p: &Path) {
+    LOGS.with(|l| {
+        let mut l = l.borrow_mut();
+        if !l.iter().any(|x| x == p) {
+            l.push(p.to_path_buf());
+        }
+    });
+}
+
+fn unregister_logs(under: &Path) {
+    LOGS.with(|l| l.borrow_mut().retain(|p| !p.starts_with(under)));
+}
+
+/// The last `max` bytes of a file (lossy), for diagnostics.
+pub fn tail(path: &Path, max: u64) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return format!("(no {})", path.display());
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Prints the tails of the node logs of this thread's clusters.
+pub fn dump_logs() {
+    LOGS.with(|l| {
+        for p in l.borrow().iter() {
+            eprintln!(
+                "----- tail of {} -----\n{}\n----- end -----",
+                p.display(),
+                tail(p, 4000)
+            );
+        }
+    });
+}
+
+/// Calls `f` every 50 ms until it returns `Some`, or panics naming `what`
+/// after `timeout` (printing the node logs first).
+pub fn poll_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() >= timeout {
+            dump_logs();
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// A currently free loopback port (bound, read, dropped). Never returns the
+/// same port twice within one test process.
+pub fn free_port() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local_addr").port();
+        drop(l);
+        let mut g = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if g.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+}
+
+/// A 40-hex object id derived from `n` (distinct for distinct `n`; never zero).
+pub fn oid(n: u64) -> String {
+    format!("{:040x}", (n as u128) + 1)
+}
+
+/// Runs `piehole` with `args`; stdout and stderr captured.
+pub fn run_piehole(args: &[&str]) -> Output {
+    Command::new(piehole())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run the piehole binary")
+}
+
+/// Stdout and stderr of an output, for assertion messages.
+pub fn show(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the shape of a user-facing error: non-zero exit `code`, exactly
+/// one non-empty line on stderr starting `piehole: `, no panic text.
+/// Returns that line.
+pub fn assert_one_line_error(o: &Output, code: i32) -> String {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "{}", show(o));
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr; {}", show(o));
+    assert!(lines[0].starts_with("piehole: "), "{}", show(o));
+    for bad in [
+        "panicked",
+        "internal error",
+        "RUST_BACKTRACE",
+        "stack backtrace",
+    ] {
+        assert!(!err.contains(bad), "panic text on stderr; {}", show(o));
+    }
+    lines[0].to_string()
+}
+
+/// Spawns a process and waits (bounded) for it to exit; kills it and panics
+/// if it does not. For commands that are expected to fail fast, like a node
+/// with a bad configuration.
+pub fn run_expect_exit(mut cmd: Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let status = {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if start.elapsed() >= timeout {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("wait");
+                panic!("process did not exit within {timeout:?}; {}", show(&out));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_end(&mut out);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_end(&mut err);
+    }
+    Output {
+        status,
+        stdout: out,
+        stderr: err,
+    }
+}
+
+/// A small multi-thread tokio runtime for LocalClient calls in a sync test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// A process killed (SIGKILL) and reaped when dropped.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// Spawns `piehole args`, stderr and stdout appended to `log`.
+    pub fn spawn_piehole(args: &[&str], log: &Path) -> ChildGuard {
+        register_log(log);
+        let f = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open log");
+        let child = Command::new(piehole())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("dup log"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn piehole");
+        ChildGuard(child)
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `piehole status --node SOCK --json` against any socket; None on failure.
+pub fn status_at(sock: &Path) -> Option<serde_json::Value> {
+    let o = run_piehole(&["status", "--node", sock.to_str()?, "--json"]);
+    if !o.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+pub struct Node {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub addr: String,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir
+            .parent()
+            .expect("data dir has a parent")
+            .join(format!("node-{}.log", self.id))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    extra_args: Vec<String>,
+    /// Arguments for one node only, after `extra_args`.
+    node_args: BTreeMap<u64, Vec<String>>,
+}
+
+impl Cluster {
+    /// `n` nodes with `--request-timeout-ms 5000`; returns once they agree on a leader.
+    pub fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, &[])
+    }
+
+    /// Like [`Cluster::start`], with `extra_args` passed to every `piehole
+    /// node` (a `--request-timeout-ms` among them replaces the default 5000).
+    pub fn start_with(n: usize, extra_args: &[&str]) -> Cluster {
+        let c = Cluster::launch(n, extra_args);
+        c.wait_leader();
+        c
+    }
+
+    /// Starts the processes and waits until every socket answers, without
+    /// waiting for a leader (for clusters that are not meant to elect one).
+    pub fn launch(n: usize, extra_args: &[&str]) -> Cluster {
+        Cluster::launch_per_node(n, extra_args, &|_| Vec::new())
+    }
+
+    /// Like [`Cluster::launch`], with `per_node(id)` appended to node `id`'s
+    /// arguments (e.g. a different secret file per node).
+    pub fn launch_per_node(
+        n: usize,
+        extra_args: &[&str],
+        per_node: &dyn Fn(u64) -> Vec<String>,
+    ) -> Cluster {
+        let mut extra: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        if !extra.iter().any(|a| a.starts_with("--request-timeout-ms")) {
+            extra.push("--request-timeout-ms".into());
+            extra.push("5000".into());
+        }
+        // A port handed out by free_port() can be taken by someone else
+        // before the node binds it; then start over with fresh ports.
+        for attempt in 0.. {
+            let dir = tempfile::Builder::new()
+                .prefix("piehole-test-")
+                .tempdir()
+                .expect("tempdir");
+            let nodes = (1..=n as u64)
+                .map(|id| Node {
+                    id,
+                    data_dir: dir.path().join(format!("node-{id}")),
+                    addr: format!("127.0.0.1:{}", free_port()),
+                    child: None,
+                })
+                .collect();
+            let mut c = Cluster {
+                dir,
+                nodes,
+                extra_args: extra.clone(),
+                node_args: (1..=n as u64).map(|id| (id, per_node(id))).collect(),
+            };
+            for id in 1..=n as u64 {
+                c.spawn(id);
+            }
+            match c.wait_sockets() {
+                Ok(()) => return c,
+                Err(why) if attempt < 3 && why.contains("cannot listen") => {
+                    eprintln!("cluster start: {why}; retrying with other ports");
+                    continue;
+                }
+                Err(why) => {
+                    dump_logs();
+                    panic!("cluster did not start: {why}");
+                }
+            }
+        }
+        unreachable!()
+    }
+
+    fn peers_arg(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The full argument list of `piehole node` for node `id`.
+    pub fn node_args(&self, id: u64) -> Vec<String> {
+        let n = self.node(id);
+        let mut args = vec![
+            "node".to_string(),
+            "--id".into(),
+            id.to_string(),
+            "--data-dir".into(),
+            n.data_dir.display().to_string(),
+            "--listen".into(),
+            n.addr.clone(),
+            "--peers".into(),
+            self.peers_arg(),
+        ];
+        args.extend(self.extra_args.iter().cloned());
+        args.extend(self.node_args.get(&id).into_iter().flatten().cloned());
+        args
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let args = self.node_args(id);
+        let log_path = self.node(id).log_path();
+        register_log(&log_path);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("open node log");
+        let child = Command::new(piehole())
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn piehole node");
+        self.node_mut(id).child = Some(child);
+    }
+
+    /// Waits until every running node answers `status`; Err if a node exits.
+    fn wait_sockets(&mut self) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            let mut all = true;
+            for i in 0..self.nodes.len() {
+                let id = self.nodes[i].id;
+                if let Some(child) = self.nodes[i].child.as_mut() {
+                    if let Ok(Some(st)) = child.try_wait() {
+                        self.nodes[i].child = None;
+                        let log = tail(&self.nodes[i].log_path(), 2000);
+                        return Err(format!("node {id} exited ({st}): {log}"));
+                    }
+                    if self.try_status(id).is_none() {
+                        all = false;
+                    }
+                }
+            }
+            if all {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                return Err("nodes' sockets did not answer within 20s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    pub fn running_ids(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect()
+    }
+
+    pub fn socket(&self, id: u64) -> PathBuf {
+        self.node(id).data_dir.join("piehole.sock")
+    }
+
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.node(id).log_path()).unwrap_or_default()
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.node_mut(id).child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `id` again with the same flags and data dir; returns once
+    /// its socket answers `status`.
+    pub fn restart(&mut self, id: u64) {
+        assert!(!self.is_running(id), "node {id} is still running");
+        self.spawn(id);
+        let log_path = self.node(id).log_path();
+        poll_until(
+            &format!("restarted node {id} answers status"),
+            Duration::from_secs(20),
+            || {
+                if !self.is_running_now(id) {
+                    panic!("restarted node {id} exited: {}", tail(&log_path, 2000));
+                }
+                self.try_status(id).map(|_| ())
+            },
+        );
+    }
+
+    /// Whether the harness has a live process for node `id`.
+    pub fn is_running(&self, id: u64) -> bool {
+        self.node(id).child.is_some() && self.is_running_now(id)
+    }
+
+    /// Checks the process itself (it may have exited on its own).
+    fn is_running_now(&self, id: u64) -> bool {
+        // try_wait needs &mut; the pid check through /proc is enough here.
+        match self.node(id).pid() {
+            None => false,
+            Some(pid) => match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                // A zombie ("Z") has exited but is not reaped yet.
+                Ok(stat) => !stat
+                    .rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+                    .unwrap_or(false),
+                Err(_) => false,
+            },
+        }
+    }
+
+    /// `piehole status --node SOCK --json`; None if it fails.
+    pub fn try_status(&self, id: u64) -> Option<serde_json::Value> {
+        status_at(&self.socket(id))
+    }
+
+    /// `piehole status --node SOCK --json`; panics on failure.
+    pub fn status(&self, id: u64) -> serde_json::Value {
+        let sock = self.socket(id);
+        let o = self.run(&["status", "--node", sock.to_str().unwrap(), "--json"]);
+        assert!(
+            o.status.success(),
+            "status of node {id} failed: {}",
+            show(&o)
+        );
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("status of node {id} is not JSON ({e}): {}", show(&o)))
+    }
+
+    /// Polls (20 s) until every running node names the same non-null leader.
+    pub fn wait_leader(&self) -> u64 {
+        let running = self.running_ids();
+        poll_until(
+            &format!("nodes {running:?} agree on a leader"),
+            Duration::from_secs(20),
+            || {
+                let mut leader = None;
+                for &id in &running {
+                    let l = self.try_status(id)?["leader_id"].as_u64()?;
+                    if !running.contains(&l) || leader.is_some_and(|x| x != l) {
+                        return None;
+                    }
+                    leader = Some(l);
+                }
+                leader
+            },
+        )
+    }
+
+    /// Runs `piehole` with `args` (no implicit `--node`).
+    pub fn run(&self, args: &[&str]) -> Output {
+        run_piehole(args)
+    }
+
+    /// `piehole ref --node SOCK cas GROUP REF OLD NEW`.
+    pub fn cas(&self, id: u64, group: &str, r: &str, old: &str, new: &str) -> Output {
+        let sock = self.socket(id);
+        self.run(&[
+            "ref",
+            "--node",
+            sock.to_str().unwrap(),
+            "cas",
+            group,
+            r,
+            old,
+            new,
+        ])
+    }
+
+    /// Like [`Cluster::cas`], asserting `applied` and returning the current value.
+    pub fn cas_ok(&self, id: u64, group: &str, r: &str, old: &str, new: &str) -> String {
+        let o = self.cas(id, group, r, old, new);
+        let out = stdout(&o);
+        assert!(
+            o.status.success() && out.starts_with("applied "),
+            "cas {group} {r} {old} -> {new} on node {id}: {}",
+            show(&o)
+        );
+        out.trim_start_matches("applied ").trim().to_string()
+    }
+
+    /// `piehole ref --node SOCK get GROUP --json`, with `--local` when
+    /// `local` (else linearizable); None on failure.
+    pub fn try_refs(&self, id: u64, group: &str, local: bool) -> Option<BTreeMap<String, String>> {
+        let sock = self.socket(id);
+        let mut args = vec!["ref", "--node", sock.to_str()?, "get", group, "--json"];
+        if local {
+            args.push("--local");
+        }
+        let o = self.run(&args);
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    /// Like [`Cluster::try_refs`], panicking on failure.
+    pub fn refs(&self, id: u64, group: &str, local: bool) -> BTreeMap<String, String> {
+        let sock = self.socket(id);
+        let mut args = vec![
+            "ref",
+            "--node",
+            sock.to_str().unwrap(),
+            "get",
+            group,
+            "--json",
+        ];
+        if local {
+            args.push("--local");
+        }
+        let o = self.run(&args);
+        assert!(
+            o.status.success(),
+            "ref get {group} on node {id}: {}",
+            show(&o)
+        );
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("ref get output is not JSON ({e}): {}", show(&o)))
+    }
+
+    /// A LocalClient connected to node `id`'s socket.
+    pub async fn client(&self, id: u64) -> piehole_client::LocalClient {
+        piehole_client::LocalClient::connect(&self.socket(id))
+            .await
+            .unwrap_or_else(|e| panic!("connect to node {id}: {e}"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            dump_logs();
+        }
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        unregister_logs(self.dir.path());
+    }
+}
