@@ -51,28 +51,50 @@ fn main() {
         work.push_ok(&plain, &["HEAD:refs/heads/main"]);
         plain_push.push(t.elapsed());
     }
-    report("git push, 1 small commit, plain bare repo (no hooks)", &mut plain_push);
-    report("git push, 1 small commit, into the 3-node cluster", &mut cluster_push);
-    report("replication lag (push returned -> ref on both other replicas)", &mut lag);
+    report(
+        "git push, 1 small commit, plain bare repo (no hooks)",
+        &mut plain_push,
+    );
+    report(
+        "git push, 1 small commit, into the 3-node cluster",
+        &mut cluster_push,
+    );
+    report(
+        "replication lag (push returned -> ref on both other replicas)",
+        &mut lag,
+    );
 }
 
 fn cas_latency(cluster: &Cluster) {
     let rt = harness::runtime();
     let mut times = rt.block_on(async {
-        let mut client = piehole_client::LocalClient::connect(&cluster.socket(1)).await.expect("connect");
+        let mut client = piehole_client::LocalClient::connect(&cluster.socket(1))
+            .await
+            .expect("connect");
         let mut times = Vec::with_capacity(CAS_SAMPLES);
         let mut current: Option<String> = None;
         for n in 1..=CAS_SAMPLES as u64 {
             let next = harness::oid(n);
             let t = Instant::now();
-            let out = client.cas("cas-bench", "refs/heads/main", current.as_deref(), Some(&next)).await.expect("cas");
+            let out = client
+                .cas(
+                    "cas-bench",
+                    "refs/heads/main",
+                    current.as_deref(),
+                    Some(&next),
+                )
+                .await
+                .expect("cas");
             times.push(t.elapsed());
             assert!(out.applied);
             current = Some(next);
         }
         times
     });
-    report("one CAS through the local API (node 1, 3-node cluster)", &mut times);
+    report(
+        "one CAS through the local API (node 1, 3-node cluster)",
+        &mut times,
+    );
 }
 
 /// The hook as git runs it, for a ref already at the agreed value (rule 1).
@@ -89,11 +111,17 @@ fn hook_alone(repo: &Path) {
         times.push(t.elapsed());
         assert!(out.status.success(), "{}", harness::show(&out));
     }
-    report("`piehole hook update` alone (process start + 1 round trip)", &mut times);
+    report(
+        "`piehole hook update` alone (process start + 1 round trip)",
+        &mut times,
+    );
     let mut times = Vec::new();
     for _ in 0..SAMPLES {
         let t = Instant::now();
-        let out = Command::new(harness::piehole()).arg("--version").output().expect("run piehole");
+        let out = Command::new(harness::piehole())
+            .arg("--version")
+            .output()
+            .expect("run piehole");
         times.push(t.elapsed());
         assert!(out.status.success());
     }
@@ -108,7 +136,10 @@ fn wait_for(repos: &[std::path::PathBuf], id: &str) {
         std::fs::read_to_string(r.join("refs/heads/main")).is_ok_and(|s| s.trim() == id)
     };
     while !repos.iter().all(at) {
-        assert!(Instant::now() < deadline, "replication of {id} did not finish in 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "replication of {id} did not finish in 30 s"
+        );
         std::thread::sleep(Duration::from_micros(200));
     }
 }
