@@ -193,6 +193,13 @@ fn write_config(repo: &Repository, group: &str, node: &str) -> Result<bool, Repo
         local.set_bool("core.logAllRefUpdates", true)?;
         changed = true;
     }
+    // A push is acknowledged once its objects and ref are here: have git
+    // (2.36+; older versions ignore the key) fsync them first. An operator's
+    // own choice is left alone.
+    if local.get_string("core.fsync").is_err() {
+        local.set_str("core.fsync", "committed")?;
+        changed = true;
+    }
     for (key, value) in [("piehole.group", group), ("piehole.node", node)] {
         if local.get_string(key).ok().as_deref() != Some(value) {
             local.set_str(key, value)?;

@@ -49,6 +49,7 @@ fn install_writes_executable_hooks_and_config() {
         );
     }
     assert_eq!(git(&bare, &["config", "core.logAllRefUpdates"]), "true");
+    assert_eq!(git(&bare, &["config", "core.fsync"]), "committed");
     assert_eq!(git(&bare, &["config", "piehole.group"]), "widgets");
     assert_eq!(
         git(&bare, &["config", "piehole.node"]),
