@@ -13,6 +13,7 @@ use prost::Message as _;
 use tokio::sync::broadcast;
 
 const APPLIED: &[u8] = b"applied";
+const RESTORED_FROM: &[u8] = b"restored_from";
 const GROUP: u8 = b'g';
 const REF: u8 = b'r';
 const REPLICA: u8 = b'p';
@@ -213,6 +214,11 @@ impl StateMachine {
         (groups, refs)
     }
 
+    /// What [`StateMachine::restore`] was last given as `origin`, if anything.
+    pub fn restored_from(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.tree.get(RESTORED_FROM)?.map(|v| v.to_vec()))
+    }
+
     /// The whole state and the index it reflects, for a Raft snapshot.
     pub fn snapshot(&self) -> anyhow::Result<(u64, Vec<u8>)> {
         let applied = self.applied();
@@ -241,13 +247,18 @@ impl StateMachine {
     }
 
     /// Replaces the whole state with a snapshot taken at `index`, atomically.
-    pub fn restore(&self, index: u64, data: &[u8]) -> anyhow::Result<()> {
+    ///
+    /// `origin` is stored with it, opaque to us: the consensus layer's own
+    /// description of the snapshot, so that after a crash between restoring
+    /// the state and truncating the log it can finish the job.
+    pub fn restore(&self, index: u64, data: &[u8], origin: &[u8]) -> anyhow::Result<()> {
         let snap = pb::StateSnapshot::decode(data)?;
         let mut batch = sled::Batch::default();
         for k in self.tree.iter().keys() {
             batch.remove(k?);
         }
         batch.insert(APPLIED, &index.to_be_bytes());
+        batch.insert(RESTORED_FROM, origin);
         for g in &snap.groups {
             batch.insert(group_prefix(GROUP, &g.name), b"");
             for r in &g.replicas {
@@ -378,7 +389,11 @@ mod tests {
 
         let (_d2, other) = self::sm();
         other.apply(1, &cas("zzz", "refs/heads/x", "", A)).unwrap();
-        other.restore(idx, &data).unwrap();
+        other.restore(idx, &data, b"meta").unwrap();
+        assert_eq!(
+            other.restored_from().unwrap().as_deref(),
+            Some(&b"meta"[..])
+        );
         assert_eq!(other.groups(), vec!["g".to_string(), "h".to_string()]);
         assert_eq!(other.group("g").unwrap(), sm.group("g").unwrap());
         assert_eq!(other.applied(), 3);

@@ -41,6 +41,27 @@ pub struct Driver {
     snapshots_installed: u64,
 }
 
+/// A crash between restoring the state from a snapshot and truncating the
+/// log leaves the state ahead of the log; the snapshot's metadata, kept with
+/// the state, lets the log catch up before raft starts.
+fn finish_interrupted_snapshot(state: &StateMachine, storage: &RaftStorage) -> anyhow::Result<()> {
+    let Some(bytes) = state.restored_from()? else {
+        return Ok(());
+    };
+    let meta: raft::prelude::SnapshotMetadata = protobuf::Message::parse_from_bytes(&bytes)?;
+    if meta.index > storage.snapshot_metadata()?.index {
+        tracing::warn!(
+            index = meta.index,
+            "finishing a snapshot install interrupted by a crash"
+        );
+        let mut snap = Snapshot::default();
+        snap.set_metadata(meta);
+        storage.apply_snapshot(&snap)?;
+        storage.flush()?;
+    }
+    Ok(())
+}
+
 impl Driver {
     pub fn new(
         config: &NodeConfig,
@@ -64,6 +85,7 @@ impl Driver {
             ..Default::default()
         };
         raft_config.validate()?;
+        finish_interrupted_snapshot(&state, &storage)?;
         let raw = RawNode::new(&raft_config, storage, &super::logger::logger())?;
         Ok(Driver {
             raw,
@@ -162,7 +184,8 @@ impl Driver {
     fn install_snapshot(&mut self, snap: &Snapshot) -> anyhow::Result<()> {
         let index = snap.get_metadata().index;
         tracing::info!(index, "installing snapshot from leader");
-        self.state.restore(index, &snap.data)?;
+        let meta = protobuf::Message::write_to_bytes(snap.get_metadata())?;
+        self.state.restore(index, &snap.data, &meta)?;
         self.raw.mut_store().apply_snapshot(snap)?;
         self.raw.store().flush()?;
         self.snapshots_installed += 1;
