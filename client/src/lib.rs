@@ -143,13 +143,13 @@ impl LocalClient {
         Ok(self.grpc.read_refs(req).await?.into_inner())
     }
 
-    pub async fn register(&mut self, group: &str, path: &Path) -> Result<(), ClientError> {
+    /// Returns how many of the repository's refs seeded a brand-new group.
+    pub async fn register(&mut self, group: &str, path: &Path) -> Result<u64, ClientError> {
         let req = pb::RegisterRequest {
             group: group.into(),
             path: path.to_string_lossy().into_owned(),
         };
-        self.grpc.register(req).await?;
-        Ok(())
+        Ok(self.grpc.register(req).await?.into_inner().seeded)
     }
 
     pub async fn clobber(

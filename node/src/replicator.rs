@@ -25,6 +25,32 @@ use crate::update_rule::blocking;
 /// git's own update fail. post-update releases it sooner.
 const HOLD_FOR: Duration = Duration::from_secs(30);
 
+/// Refs a push is in the middle of moving: the update hook accepted them and
+/// git has yet to move them itself. The replicator keeps its hands off, or
+/// git's own compare-and-swap of the ref would fail and the push with it.
+#[derive(Clone, Default)]
+pub struct Holds(Arc<Mutex<HashMap<(String, String), Instant>>>);
+
+impl Holds {
+    fn hold(&self, group: &str, ref_name: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert((group.to_string(), ref_name.to_string()), Instant::now());
+    }
+
+    fn release(&self, group: &str, ref_names: &[String]) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for r in ref_names {
+            map.remove(&(group.to_string(), r.clone()));
+        }
+    }
+
+    fn is_held(&self, group: &str, ref_name: &str) -> bool {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, t| t.elapsed() < HOLD_FOR);
+        map.contains_key(&(group.to_string(), ref_name.to_string()))
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Lag {
     consensus: String,
@@ -41,7 +67,7 @@ pub struct Replicator {
     nudges: mpsc::UnboundedSender<String>,
     nudge_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     /// (group, ref) accepted by a hook and not yet moved by git.
-    held: Mutex<HashMap<(String, String), Instant>>,
+    holds: Holds,
     /// (group, ref) -> last seen consensus and local values.
     lag: Mutex<BTreeMap<(String, String), Lag>>,
 }
@@ -69,7 +95,7 @@ impl Replicator {
             reconcile_every,
             nudges,
             nudge_rx: Mutex::new(Some(rx)),
-            held: Mutex::default(),
+            holds: Holds::default(),
             lag: Mutex::default(),
         })
     }
@@ -79,21 +105,11 @@ impl Replicator {
     }
 
     pub fn hold(&self, group: &str, ref_name: &str) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.insert((group.to_string(), ref_name.to_string()), Instant::now());
+        self.holds.hold(group, ref_name);
     }
 
     pub fn release(&self, group: &str, ref_names: &[String]) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        for r in ref_names {
-            held.remove(&(group.to_string(), r.clone()));
-        }
-    }
-
-    fn is_held(&self, group: &str, ref_name: &str) -> bool {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.retain(|_, t| t.elapsed() < HOLD_FOR);
-        held.contains_key(&(group.to_string(), ref_name.to_string()))
+        self.holds.release(group, ref_names);
     }
 
     /// The path of this node's replica of `group`, from local state.
@@ -241,14 +257,14 @@ impl Replicator {
             .iter()
             .map(|(k, v)| (k.clone(), v.value.clone()))
             .collect();
-        let held: BTreeSet<String> = consensus
-            .keys()
-            .filter(|r| self.is_held(group, r))
-            .cloned()
-            .collect();
         let (local, missing) = {
-            let (path, consensus) = (path.clone(), consensus.clone());
-            blocking(move || apply_present(&Replica::open(&path)?, &consensus, &held)).await
+            let (path, consensus, holds, g) = (
+                path.clone(),
+                consensus.clone(),
+                self.holds.clone(),
+                group.to_string(),
+            );
+            blocking(move || apply_present(&Replica::open(&path)?, &consensus, &holds, &g)).await
         }
         .map_err(|e| e.to_string())?;
         self.record_lag(group, &consensus, &local);
@@ -301,10 +317,11 @@ impl Replicator {
                     let path = path.to_path_buf();
                     let (consensus, local, refs) =
                         (consensus.clone(), local.clone(), missing.clone());
+                    let (holds, g) = (self.holds.clone(), group.to_string());
                     let done = blocking(move || {
                         let repo = Replica::open(&path)?;
                         repo.index_pack(&pack)?;
-                        move_refs(&repo, &consensus, &local, &refs)
+                        move_refs(&repo, &consensus, &local, &refs, &holds, &g)
                     })
                     .await
                     .map_err(|e| e.to_string())?;
@@ -355,14 +372,16 @@ impl Replicator {
 fn apply_present(
     repo: &Replica,
     consensus: &BTreeMap<String, String>,
-    held: &BTreeSet<String>,
+    holds: &Holds,
+    group: &str,
 ) -> Result<(BTreeMap<String, String>, Vec<String>), piehole_repo::RepoError> {
     let local = repo.refs()?;
     let mut missing = Vec::new();
     let names: BTreeSet<&String> = consensus.keys().chain(local.keys()).collect();
     for name in names {
         let (want, have) = (consensus.get(name), local.get(name));
-        if want == have || held.contains(name.as_str()) {
+        // Checked per ref, as late as possible: a push may have begun meanwhile.
+        if want == have || holds.is_held(group, name) {
             continue;
         }
         match want {
@@ -380,10 +399,15 @@ fn move_refs(
     consensus: &BTreeMap<String, String>,
     local: &BTreeMap<String, String>,
     missing: &[String],
+    holds: &Holds,
+    group: &str,
 ) -> Result<bool, piehole_repo::RepoError> {
     let mut all = true;
     for name in missing {
         let want = &consensus[name];
+        if holds.is_held(group, name) {
+            continue;
+        }
         if repo.is_complete(want)? {
             set_local(repo, name, local.get(name), Some(want));
         } else {

@@ -39,11 +39,50 @@ pub async fn decide(
     // CAS, so the replicator reacting to the commit cannot move it first and
     // make git's own update fail.
     replicator.hold(group, ref_name);
-    let decision = decide_held(consensus, replicator, group, repo_path, ref_name, old, new).await;
-    if decision != Ok(Decision::Accept) {
+    let decision = decide_held(
+        consensus,
+        replicator,
+        group,
+        repo_path,
+        ref_name,
+        old.clone(),
+        new,
+    )
+    .await;
+    if decision == Ok(Decision::Accept) {
+        restore_expected(repo_path.to_path_buf(), ref_name.to_string(), old).await;
+    } else {
         replicator.release(group, &[ref_name.to_string()]);
     }
     decision
+}
+
+/// git read `old` when the push began and moves the ref only if it still
+/// holds `old`. If the replicator caught this replica up in between (before
+/// the hold), git's update would fail although the group accepted the push;
+/// putting `old` back lets git's own update land a moment later.
+async fn restore_expected(path: PathBuf, ref_name: String, old: Option<String>) {
+    let result = blocking(move || {
+        let repo = Replica::open(&path)?;
+        let current = repo.ref_value(&ref_name)?;
+        if current != old {
+            tracing::debug!(
+                ref_name,
+                "restoring the value git expects before it moves the ref"
+            );
+            repo.set_ref(
+                &ref_name,
+                current.as_deref(),
+                old.as_deref(),
+                "piehole: make way for an accepted push",
+            )?;
+        }
+        Ok(())
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not restore the ref value git expects");
+    }
 }
 
 async fn decide_held(

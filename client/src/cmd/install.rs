@@ -24,6 +24,8 @@ pub struct Args {
 
 pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let repo_path = current_repo()?;
+    // Refuse a non-bare or missing repository before anything else is worked out.
+    Replica::open(&repo_path)?;
     let group = match a.group {
         Some(g) => g,
         None => default_group(&repo_path)?,
@@ -42,8 +44,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let report = hooks::install(&repo_path, &opts)?;
 
     let mut client = LocalClient::connect(&socket).await?;
-    client.register(&group, &repo_path).await?;
-    let seeded = seed_new_group(&mut client, &group, &repo_path).await?;
+    let seeded = client.register(&group, &repo_path).await?;
 
     if report.already_installed {
         println!(
@@ -60,27 +61,4 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         println!("piehole: group {group} was empty; its consensus now starts from this repository's {seeded} refs");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The first repository installed into a new group brings its refs with it.
-/// CAS from "absent" never overwrites a value the group already has.
-async fn seed_new_group(
-    client: &mut LocalClient,
-    group: &str,
-    path: &std::path::Path,
-) -> anyhow::Result<usize> {
-    if !client.refs(group, true).await?.is_empty() {
-        return Ok(0);
-    }
-    let local = Replica::open(path)?.refs()?;
-    let mut seeded = 0;
-    for (name, value) in &local {
-        if validate::ref_name(name).is_err() {
-            continue;
-        }
-        if client.cas(group, name, None, Some(value)).await?.applied {
-            seeded += 1;
-        }
-    }
-    Ok(seeded)
 }

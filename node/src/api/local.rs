@@ -50,6 +50,44 @@ fn repo_path(p: &str) -> Result<PathBuf, Status> {
 }
 
 impl LocalService {
+    /// The first repository of a new group brings its refs with it. A CAS
+    /// from "absent" never overwrites what another replica seeded meanwhile.
+    async fn seed_empty_group(&self, group: &str, path: &Path) -> Result<u64, Status> {
+        let view = self
+            .consensus
+            .group(group, true)
+            .await
+            .map_err(consensus_status)?;
+        if !view.refs.is_empty() || !view.replicas.is_empty() {
+            return Ok(0);
+        }
+        let repo_path = path.to_path_buf();
+        let refs = update_rule::blocking(move || {
+            let repo = piehole_repo::Replica::open(&repo_path)?;
+            let mut complete = BTreeMap::new();
+            for (name, id) in repo.refs()? {
+                if validate::ref_name(&name).is_ok() && repo.is_complete(&id)? {
+                    complete.insert(name, id);
+                }
+            }
+            Ok(complete)
+        })
+        .await
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let mut seeded = 0;
+        for (name, id) in refs {
+            let out = self
+                .consensus
+                .cas(group, &name, None, Some(&id))
+                .await
+                .map_err(consensus_status)?;
+            if out.applied {
+                seeded += 1;
+            }
+        }
+        Ok(seeded)
+    }
+
     async fn hook_group(&self, given: &str) -> Result<(PathBuf, String), Status> {
         let path = repo_path(given)?;
         let group = self.replicator.group_at(&path).ok_or_else(|| {
@@ -173,12 +211,15 @@ impl Local for LocalService {
         let path_s = path
             .to_str()
             .ok_or_else(|| Status::invalid_argument("repository path is not UTF-8"))?;
+        // Seed before registering: once registered, the replicator makes the
+        // repository follow the (empty) group and its refs would be gone.
+        let seeded = self.seed_empty_group(&r.group, &path).await?;
         self.consensus
             .register(&r.group, self.consensus.node_id(), path_s)
             .await
             .map_err(consensus_status)?;
         self.replicator.nudge(&r.group);
-        Ok(Response::new(pb::RegisterReply {}))
+        Ok(Response::new(pb::RegisterReply { seeded }))
     }
 
     async fn clobber(
