@@ -17,6 +17,49 @@ const RESTORED_FROM: &[u8] = b"restored_from";
 const GROUP: u8 = b'g';
 const REF: u8 = b'r';
 const REPLICA: u8 = b'p';
+/// (origin node, request id) -> AppliedRequest
+const DEDUP: u8 = b'd';
+/// applied index -> DEDUP key, to forget in log order
+const DEDUP_BY_INDEX: u8 = b'x';
+/// How many log entries a request is remembered for. A proposal is offered
+/// again within seconds, so any copy lands far inside this window.
+const DEDUP_WINDOW: u64 = 10_000;
+
+fn dedup_key(origin: u64, request: u64) -> Vec<u8> {
+    let mut k = vec![DEDUP, 0];
+    k.extend_from_slice(&origin.to_be_bytes());
+    k.extend_from_slice(&request.to_be_bytes());
+    k
+}
+
+fn dedup_index_key(index: u64) -> Vec<u8> {
+    let mut k = vec![DEDUP_BY_INDEX, 0];
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn outcome_to(o: &Outcome) -> pb::StoredOutcome {
+    match o {
+        Outcome::Cas { applied, current } => pb::StoredOutcome {
+            cas: true,
+            applied: *applied,
+            current: current.clone().unwrap_or_default(),
+            refused: String::new(),
+        },
+        Outcome::Done => pb::StoredOutcome::default(),
+        Outcome::Refused(why) => pb::StoredOutcome { refused: why.clone(), ..Default::default() },
+    }
+}
+
+fn outcome_from(o: pb::StoredOutcome) -> Outcome {
+    if o.cas {
+        Outcome::Cas { applied: o.applied, current: (!o.current.is_empty()).then_some(o.current) }
+    } else if !o.refused.is_empty() {
+        Outcome::Refused(o.refused)
+    } else {
+        Outcome::Done
+    }
+}
 
 /// What a command did, handed back to whoever proposed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +139,17 @@ impl StateMachine {
     pub fn apply(&self, index: u64, cmd: &pb::Command) -> anyhow::Result<Outcome> {
         let mut batch = sled::Batch::default();
         batch.insert(APPLIED, &index.to_be_bytes());
+        let mutates = !matches!(cmd.op, Some(Op::Read(_)) | None);
+        let dedup_key = dedup_key(cmd.origin_node, cmd.request_id);
+        if mutates {
+            if let Some(seen) = self.tree.get(&dedup_key)? {
+                // A second copy of a proposal already applied: answer as the
+                // first time, change nothing (it could undo later updates).
+                self.tree.apply_batch(batch)?;
+                let seen = pb::AppliedRequest::decode(seen.as_ref())?;
+                return Ok(outcome_from(seen.outcome.unwrap_or_default()));
+            }
+        }
         let (outcome, changed) = match &cmd.op {
             Some(Op::Register(r)) => {
                 batch.insert(group_prefix(GROUP, &r.group), b"");
@@ -125,12 +179,35 @@ impl StateMachine {
             Some(Op::Read(_)) => (Outcome::Done, None),
             None => (Outcome::Refused("empty command".into()), None),
         };
+        if mutates {
+            let seen = pb::AppliedRequest {
+                origin_node: cmd.origin_node,
+                request_id: cmd.request_id,
+                index,
+                outcome: Some(outcome_to(&outcome)),
+            };
+            self.remember(&mut batch, &seen)?;
+        }
         self.tree.apply_batch(batch)?;
         if let Some(group) = changed {
             // Nobody listening is fine: the replicator also reconciles periodically.
             let _ = self.changes.send(group.clone());
         }
         Ok(outcome)
+    }
+
+    /// Records an applied request and forgets the one applied DEDUP_WINDOW
+    /// entries ago, so the table stays small and every node forgets the same.
+    fn remember(&self, batch: &mut sled::Batch, seen: &pb::AppliedRequest) -> anyhow::Result<()> {
+        batch.insert(dedup_key(seen.origin_node, seen.request_id), seen.encode_to_vec());
+        batch.insert(dedup_index_key(seen.index), dedup_key(seen.origin_node, seen.request_id));
+        if let Some(old_index) = seen.index.checked_sub(DEDUP_WINDOW) {
+            if let Some(old) = self.tree.get(dedup_index_key(old_index))? {
+                batch.remove(old.to_vec());
+                batch.remove(dedup_index_key(old_index));
+            }
+        }
+        Ok(())
     }
 
     /// The compare-and-swap rule: equal to `new` already is success (a
@@ -243,6 +320,9 @@ impl StateMachine {
                     .collect(),
             });
         }
+        for kv in self.tree.scan_prefix([DEDUP, 0]) {
+            snap.applied_requests.push(pb::AppliedRequest::decode(kv?.1.as_ref())?);
+        }
         Ok((applied, snap.encode_to_vec()))
     }
 
@@ -273,6 +353,10 @@ impl StateMachine {
                     encode_ref(&r.value, r.proposer),
                 );
             }
+        }
+        for seen in &snap.applied_requests {
+            batch.insert(dedup_key(seen.origin_node, seen.request_id), seen.encode_to_vec());
+            batch.insert(dedup_index_key(seen.index), dedup_key(seen.origin_node, seen.request_id));
         }
         self.tree.apply_batch(batch)?;
         for g in snap.groups {
@@ -307,10 +391,12 @@ mod tests {
         (dir, sm)
     }
 
+    /// Each call is a distinct proposal (a fresh request id).
     fn cas(group: &str, r: &str, expected: &str, new: &str) -> pb::Command {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(100);
         pb::Command {
             origin_node: 1,
-            request_id: 1,
+            request_id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             op: Some(Op::Cas(pb::CasOp {
                 group: group.into(),
                 ref_name: r.into(),
@@ -367,6 +453,26 @@ mod tests {
         );
         assert!(sm.group("g").unwrap().refs.is_empty());
         assert_eq!(sm.applied(), 5);
+    }
+
+    #[test]
+    fn a_second_copy_of_a_proposal_changes_nothing() {
+        let (_d, sm) = sm();
+        let r = "refs/tags/t";
+        let create = cas("g", r, "", A); // origin 1, request 1
+        assert_eq!(sm.apply(1, &create).unwrap(), Outcome::Cas { applied: true, current: Some(A.into()) });
+        let delete = cas("g", r, A, "");
+        assert_eq!(sm.apply(2, &delete).unwrap(), Outcome::Cas { applied: true, current: None });
+        // The create arrives again (offered twice): answered as before, not re-applied.
+        assert_eq!(sm.apply(3, &create).unwrap(), Outcome::Cas { applied: true, current: Some(A.into()) });
+        assert!(sm.group("g").unwrap().refs.is_empty());
+        assert_eq!(sm.applied(), 3);
+        // And the memory survives a snapshot.
+        let (idx, data) = sm.snapshot().unwrap();
+        let (_d2, other) = self::sm();
+        other.restore(idx, &data, b"").unwrap();
+        other.apply(4, &create).unwrap();
+        assert!(other.group("g").unwrap().refs.is_empty());
     }
 
     #[test]

@@ -62,6 +62,20 @@ fn finish_interrupted_snapshot(state: &StateMachine, storage: &RaftStorage) -> a
     Ok(())
 }
 
+/// The member list is fixed when a cluster is first started; a node started
+/// later with a different --peers would silently disagree with the others.
+fn check_membership(config: &NodeConfig, storage: &RaftStorage) -> anyhow::Result<()> {
+    let stored: std::collections::BTreeSet<u64> = storage.voters()?.into_iter().collect();
+    let given: std::collections::BTreeSet<u64> = config.peers.keys().copied().collect();
+    if stored != given {
+        anyhow::bail!(
+            "--peers names members {given:?} but this data dir belongs to a cluster of {stored:?}; \
+             membership changes are not supported"
+        );
+    }
+    Ok(())
+}
+
 impl Driver {
     pub fn new(
         config: &NodeConfig,
@@ -86,6 +100,8 @@ impl Driver {
         };
         raft_config.validate()?;
         finish_interrupted_snapshot(&state, &storage)?;
+        storage.repair(state.applied())?;
+        check_membership(config, &storage)?;
         let raw = RawNode::new(&raft_config, storage, &super::logger::logger())?;
         Ok(Driver {
             raw,
@@ -161,13 +177,16 @@ impl Driver {
         if !ready.snapshot().is_empty() {
             self.install_snapshot(ready.snapshot())?;
         }
-        self.apply(ready.take_committed_entries())?;
+        // Entries and hard state (with the commit index) go to disk before
+        // anything is applied, so the applied index never runs ahead of the
+        // stored commit index, whatever sled has flushed when we are killed.
         let store = self.raw.store();
         store.append(ready.entries())?;
         if let Some(hs) = ready.hs() {
             store.set_hard_state(hs)?;
         }
         store.flush()?;
+        self.apply(ready.take_committed_entries())?;
         if !ready.persisted_messages().is_empty() {
             (self.outbox)(ready.take_persisted_messages());
         }

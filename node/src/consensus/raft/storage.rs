@@ -68,6 +68,10 @@ impl RaftStorage {
         }
     }
 
+    pub fn voters(&self) -> raft::Result<Vec<u64>> {
+        Ok(self.conf_state()?.voters)
+    }
+
     fn conf_state(&self) -> raft::Result<ConfState> {
         match self.meta.get(CONF_STATE).map_err(store_err)? {
             Some(b) => decode(&b),
@@ -139,25 +143,46 @@ impl RaftStorage {
     /// the snapshot point. The caller restores the state machine.
     pub fn apply_snapshot(&self, snap: &Snapshot) -> raft::Result<()> {
         let meta = snap.get_metadata();
+        let mut hs = self.hard_state()?;
+        if meta.term > hs.term {
+            hs.term = meta.term;
+            hs.vote = 0;
+        }
+        hs.commit = hs.commit.max(meta.index);
+        // Snapshot point, configuration and hard state in one atomic batch;
+        // stale log entries go after. A crash in between leaves entries at or
+        // below the snapshot point, which first()/last()/term() ignore.
+        let mut batch = sled::Batch::default();
+        batch.insert(SNAPSHOT_META, meta.write_to_bytes().map_err(store_err)?);
+        batch.insert(CONF_STATE, meta.get_conf_state().write_to_bytes().map_err(store_err)?);
+        batch.insert(HARD_STATE, hs.write_to_bytes().map_err(store_err)?);
+        self.meta.apply_batch(batch).map_err(store_err)?;
         let mut batch = sled::Batch::default();
         for old in self.log.iter() {
             let (k, _) = old.map_err(store_err)?;
             batch.remove(k);
         }
-        self.log.apply_batch(batch).map_err(store_err)?;
-        self.meta
-            .insert(SNAPSHOT_META, meta.write_to_bytes().map_err(store_err)?)
-            .map_err(store_err)?;
-        self.meta
-            .insert(
-                CONF_STATE,
-                meta.get_conf_state().write_to_bytes().map_err(store_err)?,
-            )
-            .map_err(store_err)?;
+        self.log.apply_batch(batch).map_err(store_err)
+    }
+
+    /// After a crash: the commit index must cover whatever the state machine
+    /// already applied (only committed entries are ever applied), or raft
+    /// refuses to start. Also drops log entries left below the snapshot point.
+    pub fn repair(&self, applied: u64) -> anyhow::Result<()> {
+        let snap = self.snapshot_metadata()?;
+        let mut stale = sled::Batch::default();
+        for old in self.log.range(..=snap.index.to_be_bytes()) {
+            stale.remove(old?.0);
+        }
+        self.log.apply_batch(stale)?;
         let mut hs = self.hard_state()?;
-        hs.term = hs.term.max(meta.term);
-        hs.commit = meta.index;
-        self.set_hard_state(&hs)
+        let floor = applied.max(snap.index).min(self.last()?);
+        if hs.commit < floor {
+            tracing::warn!(from = hs.commit, to = floor, "raising the stored commit index to what was applied");
+            hs.commit = floor;
+            self.set_hard_state(&hs)?;
+        }
+        self.flush()
     }
 
     fn entry(&self, index: u64) -> raft::Result<Option<Entry>> {
@@ -182,16 +207,18 @@ impl RaftStorage {
     }
 
     fn first(&self) -> raft::Result<u64> {
+        let after_snapshot = self.snapshot_metadata()?.index + 1;
         match self.log.first().map_err(store_err)? {
-            Some((k, _)) => Ok(index_of(&k)),
-            None => Ok(self.snapshot_metadata()?.index + 1),
+            Some((k, _)) => Ok(index_of(&k).max(after_snapshot)),
+            None => Ok(after_snapshot),
         }
     }
 
     fn last(&self) -> raft::Result<u64> {
+        let snapshot = self.snapshot_metadata()?.index;
         match self.log.last().map_err(store_err)? {
-            Some((k, _)) => Ok(index_of(&k)),
-            None => Ok(self.snapshot_metadata()?.index),
+            Some((k, _)) => Ok(index_of(&k).max(snapshot)),
+            None => Ok(snapshot),
         }
     }
 }
