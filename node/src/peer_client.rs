@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use piehole_protocol::limits::{FROM_HEADER, SECRET_HEADER};
+use piehole_protocol::limits::{FROM_HEADER, MAX_PEER_MESSAGE_BYTES, SECRET_HEADER};
 use piehole_protocol::pb::peer_client::PeerClient as GrpcPeerClient;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -35,10 +35,11 @@ pub type PeerClient = GrpcPeerClient<InterceptedService<Channel, PeerAuth>>;
 pub fn connect(addr: &str, auth: &PeerAuth) -> anyhow::Result<PeerClient> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(30))
+        // Bounds a hung peer; a pack of a large repository legitimately takes long.
+        .timeout(Duration::from_secs(600))
         .tcp_nodelay(true)
         .connect_lazy();
     Ok(GrpcPeerClient::with_interceptor(channel, auth.clone())
-        .max_decoding_message_size(256 * 1024 * 1024)
-        .max_encoding_message_size(256 * 1024 * 1024))
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES))
 }

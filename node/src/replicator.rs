@@ -28,25 +28,39 @@ const HOLD_FOR: Duration = Duration::from_secs(30);
 /// Refs a push is in the middle of moving: the update hook accepted them and
 /// git has yet to move them itself. The replicator keeps its hands off, or
 /// git's own compare-and-swap of the ref would fail and the push with it.
+///
+/// Counted: two pushes of the same ref may be in flight at once.
 #[derive(Clone, Default)]
-pub struct Holds(Arc<Mutex<HashMap<(String, String), Instant>>>);
+pub struct Holds(Arc<Mutex<HashMap<GroupRef, (usize, Instant)>>>);
+
+/// (group, ref name)
+type GroupRef = (String, String);
 
 impl Holds {
     fn hold(&self, group: &str, ref_name: &str) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.insert((group.to_string(), ref_name.to_string()), Instant::now());
+        let entry = map
+            .entry((group.to_string(), ref_name.to_string()))
+            .or_insert((0, Instant::now()));
+        *entry = (entry.0 + 1, Instant::now());
     }
 
     fn release(&self, group: &str, ref_names: &[String]) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         for r in ref_names {
-            map.remove(&(group.to_string(), r.clone()));
+            let key = (group.to_string(), r.clone());
+            if let Some(entry) = map.get_mut(&key) {
+                entry.0 = entry.0.saturating_sub(1);
+                if entry.0 == 0 {
+                    map.remove(&key);
+                }
+            }
         }
     }
 
     fn is_held(&self, group: &str, ref_name: &str) -> bool {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, t| t.elapsed() < HOLD_FOR);
+        map.retain(|_, (_, t)| t.elapsed() < HOLD_FOR);
         map.contains_key(&(group.to_string(), ref_name.to_string()))
     }
 }
@@ -110,6 +124,18 @@ impl Replicator {
 
     pub fn release(&self, group: &str, ref_names: &[String]) {
         self.holds.release(group, ref_names);
+    }
+
+    pub fn is_held(&self, group: &str, ref_name: &str) -> bool {
+        self.holds.is_held(group, ref_name)
+    }
+
+    fn guard(&self, group: &str) -> MoveGuard {
+        MoveGuard {
+            holds: self.holds.clone(),
+            consensus: self.consensus.clone(),
+            group: group.to_string(),
+        }
     }
 
     /// The path of this node's replica of `group`, from local state.
@@ -258,13 +284,8 @@ impl Replicator {
             .map(|(k, v)| (k.clone(), v.value.clone()))
             .collect();
         let (local, missing) = {
-            let (path, consensus, holds, g) = (
-                path.clone(),
-                consensus.clone(),
-                self.holds.clone(),
-                group.to_string(),
-            );
-            blocking(move || apply_present(&Replica::open(&path)?, &consensus, &holds, &g)).await
+            let (path, consensus, guard) = (path.clone(), consensus.clone(), self.guard(group));
+            blocking(move || apply_present(&Replica::open(&path)?, &consensus, &guard)).await
         }
         .map_err(|e| e.to_string())?;
         self.record_lag(group, &consensus, &local);
@@ -317,19 +338,27 @@ impl Replicator {
                     let path = path.to_path_buf();
                     let (consensus, local, refs) =
                         (consensus.clone(), local.clone(), missing.clone());
-                    let (holds, g) = (self.holds.clone(), group.to_string());
+                    let guard = self.guard(group);
                     let done = blocking(move || {
                         let repo = Replica::open(&path)?;
                         repo.index_pack(&pack)?;
-                        move_refs(&repo, &consensus, &local, &refs, &holds, &g)
+                        move_refs(&repo, &consensus, &local, &refs, &guard)
                     })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                    if done {
-                        tracing::info!(group, from = source, refs = missing.len(), "replicated");
-                        return Ok(());
+                    .await;
+                    // A bad or short pack from one node: try the next.
+                    match done {
+                        Ok(true) => {
+                            tracing::info!(
+                                group,
+                                from = source,
+                                refs = missing.len(),
+                                "replicated"
+                            );
+                            return Ok(());
+                        }
+                        Ok(false) => last_err = format!("node {source} sent an incomplete pack"),
+                        Err(e) => last_err = format!("pack from node {source}: {e}"),
                     }
-                    last_err = format!("node {source} sent an incomplete pack");
                 }
                 Err(e) => last_err = format!("fetch from node {source}: {e}"),
             }
@@ -367,27 +396,42 @@ impl Replicator {
     }
 }
 
+/// What must still hold the moment a local ref is moved: no push has it in
+/// flight, and the consensus (as applied here now, not when the pass began)
+/// still names the value we are about to write.
+#[derive(Clone)]
+struct MoveGuard {
+    holds: Holds,
+    consensus: Arc<dyn Consensus>,
+    group: String,
+}
+
+impl MoveGuard {
+    fn may_move(&self, name: &str, want: Option<&String>) -> bool {
+        !self.holds.is_held(&self.group, name)
+            && self.consensus.local_value(&self.group, name).as_ref() == want
+    }
+}
+
 /// Moves every ref whose consensus value is already complete here; returns
 /// the local refs as they were and the refs that need objects from a peer.
 fn apply_present(
     repo: &Replica,
     consensus: &BTreeMap<String, String>,
-    holds: &Holds,
-    group: &str,
+    guard: &MoveGuard,
 ) -> Result<(BTreeMap<String, String>, Vec<String>), piehole_repo::RepoError> {
     let local = repo.refs()?;
     let mut missing = Vec::new();
     let names: BTreeSet<&String> = consensus.keys().chain(local.keys()).collect();
     for name in names {
         let (want, have) = (consensus.get(name), local.get(name));
-        // Checked per ref, as late as possible: a push may have begun meanwhile.
-        if want == have || holds.is_held(group, name) {
+        if want == have {
             continue;
         }
         match want {
-            None => set_local(repo, name, have, None),
-            Some(w) if repo.is_complete(w)? => set_local(repo, name, have, Some(w)),
-            Some(_) => missing.push(name.clone()),
+            Some(w) if !repo.is_complete(w)? => missing.push(name.clone()),
+            _ if guard.may_move(name, want) => set_local(repo, name, have, want),
+            _ => {}
         }
     }
     Ok((local, missing))
@@ -399,19 +443,15 @@ fn move_refs(
     consensus: &BTreeMap<String, String>,
     local: &BTreeMap<String, String>,
     missing: &[String],
-    holds: &Holds,
-    group: &str,
+    guard: &MoveGuard,
 ) -> Result<bool, piehole_repo::RepoError> {
     let mut all = true;
     for name in missing {
         let want = &consensus[name];
-        if holds.is_held(group, name) {
-            continue;
-        }
-        if repo.is_complete(want)? {
-            set_local(repo, name, local.get(name), Some(want));
-        } else {
+        if !repo.is_complete(want)? {
             all = false;
+        } else if guard.may_move(name, Some(want)) {
+            set_local(repo, name, local.get(name), Some(want));
         }
     }
     Ok(all)

@@ -4,7 +4,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
-use piehole_protocol::limits::MAX_MESSAGE_BYTES;
+use piehole_protocol::limits::{MAX_MESSAGE_BYTES, MAX_PEER_MESSAGE_BYTES};
 use piehole_protocol::pb::{local_server::LocalServer, peer_server::PeerServer};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
@@ -69,11 +69,14 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         secret: auth.secret.clone(),
         members: Arc::new(config.peers.clone()),
     };
-    let peer = PeerServer::with_interceptor(
-        PeerService {
+    // Snapshots and raft batches can be far larger than tonic's 4 MB default.
+    let peer = tonic::service::interceptor::InterceptedService::new(
+        PeerServer::new(PeerService {
             inbox,
             replicator: replicator.clone(),
-        },
+            self_id: config.id,
+        })
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES),
         gate,
     );
     let local = LocalServer::new(LocalService {

@@ -47,13 +47,19 @@ fn outcome_to(o: &Outcome) -> pb::StoredOutcome {
             refused: String::new(),
         },
         Outcome::Done => pb::StoredOutcome::default(),
-        Outcome::Refused(why) => pb::StoredOutcome { refused: why.clone(), ..Default::default() },
+        Outcome::Refused(why) => pb::StoredOutcome {
+            refused: why.clone(),
+            ..Default::default()
+        },
     }
 }
 
 fn outcome_from(o: pb::StoredOutcome) -> Outcome {
     if o.cas {
-        Outcome::Cas { applied: o.applied, current: (!o.current.is_empty()).then_some(o.current) }
+        Outcome::Cas {
+            applied: o.applied,
+            current: (!o.current.is_empty()).then_some(o.current),
+        }
     } else if !o.refused.is_empty() {
         Outcome::Refused(o.refused)
     } else {
@@ -199,8 +205,14 @@ impl StateMachine {
     /// Records an applied request and forgets the one applied DEDUP_WINDOW
     /// entries ago, so the table stays small and every node forgets the same.
     fn remember(&self, batch: &mut sled::Batch, seen: &pb::AppliedRequest) -> anyhow::Result<()> {
-        batch.insert(dedup_key(seen.origin_node, seen.request_id), seen.encode_to_vec());
-        batch.insert(dedup_index_key(seen.index), dedup_key(seen.origin_node, seen.request_id));
+        batch.insert(
+            dedup_key(seen.origin_node, seen.request_id),
+            seen.encode_to_vec(),
+        );
+        batch.insert(
+            dedup_index_key(seen.index),
+            dedup_key(seen.origin_node, seen.request_id),
+        );
         if let Some(old_index) = seen.index.checked_sub(DEDUP_WINDOW) {
             if let Some(old) = self.tree.get(dedup_index_key(old_index))? {
                 batch.remove(old.to_vec());
@@ -249,6 +261,12 @@ impl StateMachine {
             .filter_map(|k| k.ok())
             .map(|k| String::from_utf8_lossy(&k[2..k.len() - 1]).into_owned())
             .collect()
+    }
+
+    /// One consensus ref's value, as applied here.
+    pub fn ref_value(&self, group: &str, ref_name: &str) -> Option<String> {
+        let v = self.tree.get(key(REF, group, ref_name.as_bytes())).ok()??;
+        Some(decode_ref(&v).value)
     }
 
     /// Every (group, path) that `node_id` hosts, without reading any refs:
@@ -321,7 +339,8 @@ impl StateMachine {
             });
         }
         for kv in self.tree.scan_prefix([DEDUP, 0]) {
-            snap.applied_requests.push(pb::AppliedRequest::decode(kv?.1.as_ref())?);
+            snap.applied_requests
+                .push(pb::AppliedRequest::decode(kv?.1.as_ref())?);
         }
         Ok((applied, snap.encode_to_vec()))
     }
@@ -355,8 +374,14 @@ impl StateMachine {
             }
         }
         for seen in &snap.applied_requests {
-            batch.insert(dedup_key(seen.origin_node, seen.request_id), seen.encode_to_vec());
-            batch.insert(dedup_index_key(seen.index), dedup_key(seen.origin_node, seen.request_id));
+            batch.insert(
+                dedup_key(seen.origin_node, seen.request_id),
+                seen.encode_to_vec(),
+            );
+            batch.insert(
+                dedup_index_key(seen.index),
+                dedup_key(seen.origin_node, seen.request_id),
+            );
         }
         self.tree.apply_batch(batch)?;
         for g in snap.groups {
@@ -460,11 +485,29 @@ mod tests {
         let (_d, sm) = sm();
         let r = "refs/tags/t";
         let create = cas("g", r, "", A); // origin 1, request 1
-        assert_eq!(sm.apply(1, &create).unwrap(), Outcome::Cas { applied: true, current: Some(A.into()) });
+        assert_eq!(
+            sm.apply(1, &create).unwrap(),
+            Outcome::Cas {
+                applied: true,
+                current: Some(A.into())
+            }
+        );
         let delete = cas("g", r, A, "");
-        assert_eq!(sm.apply(2, &delete).unwrap(), Outcome::Cas { applied: true, current: None });
+        assert_eq!(
+            sm.apply(2, &delete).unwrap(),
+            Outcome::Cas {
+                applied: true,
+                current: None
+            }
+        );
         // The create arrives again (offered twice): answered as before, not re-applied.
-        assert_eq!(sm.apply(3, &create).unwrap(), Outcome::Cas { applied: true, current: Some(A.into()) });
+        assert_eq!(
+            sm.apply(3, &create).unwrap(),
+            Outcome::Cas {
+                applied: true,
+                current: Some(A.into())
+            }
+        );
         assert!(sm.group("g").unwrap().refs.is_empty());
         assert_eq!(sm.applied(), 3);
         // And the memory survives a snapshot.

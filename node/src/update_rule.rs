@@ -39,22 +39,29 @@ pub async fn decide(
     // CAS, so the replicator reacting to the commit cannot move it first and
     // make git's own update fail.
     replicator.hold(group, ref_name);
-    let decision = decide_held(
-        consensus,
-        replicator,
-        group,
-        repo_path,
-        ref_name,
-        old.clone(),
-        new,
-    )
-    .await;
-    if decision == Ok(Decision::Accept) {
-        restore_expected(repo_path.to_path_buf(), ref_name.to_string(), old).await;
-    } else {
-        replicator.release(group, &[ref_name.to_string()]);
+    let verdict = decide_held(consensus, group, repo_path, ref_name, old.clone(), new).await;
+    match verdict {
+        Ok(None) => {
+            restore_expected(repo_path.to_path_buf(), ref_name.to_string(), old).await;
+            Ok(Decision::Accept)
+        }
+        Ok(Some(current)) => {
+            replicator.release(group, &[ref_name.to_string()]);
+            let path = repo_path.to_path_buf();
+            catch_up_locally(replicator, group, path, ref_name, old, current.clone()).await;
+            let agreed = match &current {
+                Some(c) => format!("the group has {}", &c[..c.len().min(12)]),
+                None => "the group has deleted it".to_string(),
+            };
+            Ok(Decision::Reject(format!(
+                "{ref_name}: this replica is catching up ({agreed}); pull and push again"
+            )))
+        }
+        Err(e) => {
+            replicator.release(group, &[ref_name.to_string()]);
+            Err(e)
+        }
     }
-    decision
 }
 
 /// git read `old` when the push began and moves the ref only if it still
@@ -85,23 +92,24 @@ async fn restore_expected(path: PathBuf, ref_name: String, old: Option<String>) 
     }
 }
 
+/// Rules 1-3. `None`: accepted. `Some(current)`: rejected, the group has
+/// `current`.
 async fn decide_held(
     consensus: &dyn Consensus,
-    replicator: &Replicator,
     group: &str,
     repo_path: &Path,
     ref_name: &str,
     old: Option<String>,
     new: Option<String>,
-) -> Result<Decision, ConsensusError> {
-    let mut expected = old.clone();
+) -> Result<Option<Option<String>>, ConsensusError> {
+    let mut expected = old;
     let mut current = None;
     for _ in 0..MAX_ROUNDS {
         let r = consensus
             .cas(group, ref_name, expected.as_deref(), new.as_deref())
             .await?;
         if r.applied {
-            return Ok(Decision::Accept);
+            return Ok(None);
         }
         current = r.current;
         let (Some(n), Some(c)) = (new.clone(), current.clone()) else {
@@ -117,22 +125,7 @@ async fn decide_held(
         }
         expected = Some(c);
     }
-    catch_up_locally(
-        replicator,
-        group,
-        repo_path.to_path_buf(),
-        ref_name,
-        old,
-        current.clone(),
-    )
-    .await;
-    let agreed = match &current {
-        Some(c) => format!("the group has {}", &c[..c.len().min(12)]),
-        None => "the group has deleted it".to_string(),
-    };
-    Ok(Decision::Reject(format!(
-        "{ref_name}: this replica is catching up ({agreed}); pull and push again"
-    )))
+    Ok(Some(current))
 }
 
 /// Rule 4's courtesy: make the next push from this user more likely to work.
@@ -144,6 +137,10 @@ async fn catch_up_locally(
     local: Option<String>,
     target: Option<String>,
 ) {
+    // Another push of this ref is in flight here: leave the ref to it.
+    if replicator.is_held(group, ref_name) {
+        return;
+    }
     let name = ref_name.to_string();
     let moved = blocking(move || {
         let repo = Replica::open(&path)?;

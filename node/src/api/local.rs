@@ -51,14 +51,16 @@ fn repo_path(p: &str) -> Result<PathBuf, Status> {
 
 impl LocalService {
     /// The first repository of a new group brings its refs with it. A CAS
-    /// from "absent" never overwrites what another replica seeded meanwhile.
+    /// from "absent" never overwrites a value already seeded.
     async fn seed_empty_group(&self, group: &str, path: &Path) -> Result<u64, Status> {
         let view = self
             .consensus
             .group(group, true)
             .await
             .map_err(consensus_status)?;
-        if !view.refs.is_empty() || !view.replicas.is_empty() {
+        // Only while no replica is registered anywhere: a seed cut short (no
+        // quorum, say) is finished by running install again.
+        if !view.replicas.is_empty() {
             return Ok(0);
         }
         let repo_path = path.to_path_buf();

@@ -20,6 +20,7 @@ use crate::replicator::Replicator;
 pub struct PeerService {
     pub inbox: mpsc::Sender<DriverMsg>,
     pub replicator: Arc<Replicator>,
+    pub self_id: u64,
 }
 
 /// Checks the secret and the caller's id on every peer call.
@@ -68,14 +69,25 @@ type PackStream = Pin<Box<dyn Stream<Item = Result<pb::PackChunk, Status>> + Sen
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn raft(&self, req: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+        // The gate admitted the caller by this header; the batch must agree.
+        let caller = req
+            .metadata()
+            .get(FROM_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
         let batch = req.into_inner();
+        if caller != Some(batch.from) {
+            return Err(Status::invalid_argument(
+                "raft batch sender does not match the caller",
+            ));
+        }
         let mut msgs = Vec::with_capacity(batch.messages.len());
         for bytes in &batch.messages {
             let m = raft::prelude::Message::parse_from_bytes(bytes)
                 .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
-            if m.from != batch.from {
+            if m.from != batch.from || m.to != self.self_id {
                 return Err(Status::invalid_argument(
-                    "raft message sender does not match the caller",
+                    "raft message is not from the caller or not for this node",
                 ));
             }
             msgs.push(m);

@@ -96,6 +96,9 @@ pub trait Consensus: Send + Sync + 'static {
     /// Groups known to this node's applied state.
     fn groups(&self) -> Vec<String>;
 
+    /// One consensus ref as applied on this node (no round trip).
+    fn local_value(&self, group: &str, ref_name: &str) -> Option<String>;
+
     /// group -> repository path of every replica this node hosts (local state).
     fn hosted(&self) -> BTreeMap<String, String>;
 

@@ -296,6 +296,10 @@ impl Consensus for RaftConsensus {
         self.state.groups()
     }
 
+    fn local_value(&self, group: &str, ref_name: &str) -> Option<String> {
+        self.state.ref_value(group, ref_name)
+    }
+
     fn hosted(&self) -> BTreeMap<String, String> {
         self.state.hosted_by(self.id)
     }

@@ -154,7 +154,10 @@ impl RaftStorage {
         // below the snapshot point, which first()/last()/term() ignore.
         let mut batch = sled::Batch::default();
         batch.insert(SNAPSHOT_META, meta.write_to_bytes().map_err(store_err)?);
-        batch.insert(CONF_STATE, meta.get_conf_state().write_to_bytes().map_err(store_err)?);
+        batch.insert(
+            CONF_STATE,
+            meta.get_conf_state().write_to_bytes().map_err(store_err)?,
+        );
         batch.insert(HARD_STATE, hs.write_to_bytes().map_err(store_err)?);
         self.meta.apply_batch(batch).map_err(store_err)?;
         let mut batch = sled::Batch::default();
@@ -178,7 +181,11 @@ impl RaftStorage {
         let mut hs = self.hard_state()?;
         let floor = applied.max(snap.index).min(self.last()?);
         if hs.commit < floor {
-            tracing::warn!(from = hs.commit, to = floor, "raising the stored commit index to what was applied");
+            tracing::warn!(
+                from = hs.commit,
+                to = floor,
+                "raising the stored commit index to what was applied"
+            );
             hs.commit = floor;
             self.set_hard_state(&hs)?;
         }

@@ -20,6 +20,8 @@ const REACHABLE_FOR: Duration = Duration::from_secs(3);
 /// An idle sender pings so reachability stays current on followers too.
 const PING_EVERY: Duration = Duration::from_millis(500);
 const MAX_BATCH: usize = 512;
+/// Keeps one call well under the peer API's message limit.
+const MAX_BATCH_BYTES: u64 = 32 * 1024 * 1024;
 
 #[derive(Default)]
 pub struct PeerHealth {
@@ -107,9 +109,13 @@ impl PeerSender {
                 Ok(None) => return,
                 Err(_) => {} // idle: send an empty batch as a ping
             }
-            while batch.len() < MAX_BATCH {
+            let mut bytes: u64 = batch.iter().map(|m| u64::from(m.compute_size())).sum();
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
-                    Ok(m) => batch.push(m),
+                    Ok(m) => {
+                        bytes += u64::from(m.compute_size());
+                        batch.push(m);
+                    }
                     Err(_) => break,
                 }
             }
