@@ -640,3 +640,20 @@ fn node_config_errors() {
     let e = node_error(&["--config", &d("missing.toml")]);
     assert!(e.contains("missing.toml"), "{e}");
 }
+
+#[test]
+fn a_data_dir_refuses_a_different_member_list() {
+    let mut c = Cluster::start(3);
+    c.kill(3);
+    // Node 3's data dir belongs to a cluster of {1, 2, 3}; a fourth member
+    // added on the command line would silently disagree with the others.
+    let mut args = c.node_args(3);
+    let peers = args.iter().position(|a| a == "--peers").unwrap() + 1;
+    args[peers] = format!("{},4=127.0.0.1:{}", args[peers], free_port());
+    let args: Vec<&str> = args.iter().skip(1).map(|s| s.as_str()).collect();
+    let e = node_error(&args);
+    assert!(e.contains("membership changes are not supported"), "{e}");
+    // The same data dir with its own member list still starts.
+    c.restart(3);
+    assert_eq!(c.cas_ok(3, "g", MAIN, ZERO, &oid(1)), oid(1));
+}

@@ -303,3 +303,67 @@ impl raft::Storage for RaftStorage {
         Ok(snap)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage as _;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            ..Default::default()
+        }
+    }
+
+    fn open(dir: &tempfile::TempDir) -> RaftStorage {
+        let db = sled::open(dir.path()).unwrap();
+        let state = Arc::new(StateMachine::open(&db).unwrap());
+        RaftStorage::open(db, state, &[1, 2, 3]).unwrap()
+    }
+
+    #[test]
+    fn repair_raises_commit_to_what_was_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir);
+        s.append(&(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>())
+            .unwrap();
+        s.set_commit(2).unwrap();
+        // As after a kill that persisted the applied index but not the commit.
+        s.repair(4).unwrap();
+        assert_eq!(s.hard_state().unwrap().commit, 4);
+        // Never beyond the log.
+        s.repair(9).unwrap();
+        assert_eq!(s.hard_state().unwrap().commit, 5);
+    }
+
+    #[test]
+    fn snapshot_point_hides_stale_entries_and_compaction_keeps_terms() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir);
+        s.append(&(1..=10).map(|i| entry(i, 1 + i / 5)).collect::<Vec<_>>())
+            .unwrap();
+        s.compact(6).unwrap();
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (7, 10));
+        assert_eq!(s.term(6).unwrap(), 2);
+        assert!(s.term(5).is_err());
+        assert_eq!(
+            s.entries(7, 11, None, GetEntriesContext::empty(false))
+                .unwrap()
+                .len(),
+            4
+        );
+
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 20;
+        snap.mut_metadata().term = 4;
+        s.apply_snapshot(&snap).unwrap();
+        assert_eq!(
+            (s.first_index().unwrap(), s.last_index().unwrap()),
+            (21, 20)
+        );
+        assert_eq!(s.hard_state().unwrap().commit, 20);
+        assert_eq!(s.hard_state().unwrap().term, 4);
+    }
+}
