@@ -31,33 +31,53 @@ fn main() {
     }
     let plain = cluster.dir.path().join("plain.git");
     init_bare(&plain);
+    // The same durability piehole's install asks of git, without the hooks.
+    let plain_fsync = cluster.dir.path().join("plain-fsync.git");
+    init_bare(&plain_fsync);
+    harness::git::git_ok(&plain_fsync, &["config", "core.fsync", "committed"]);
     let work = Work::new(&cluster, "bench");
     work.commit("seed");
     work.push_ok(&replicas[0], &["HEAD:refs/heads/main"]);
     work.push_ok(&plain, &["HEAD:refs/heads/main"]);
+    work.push_ok(&plain_fsync, &["HEAD:refs/heads/main"]);
     wait_for(&replicas, &work.head());
 
     hook_alone(&replicas[0]);
 
     let (mut cluster_push, mut plain_push, mut lag) = (vec![], vec![], vec![]);
+    let mut fsync_push = vec![];
+    let mut start_to_everywhere = vec![];
     for i in 0..SAMPLES {
         let id = work.commit(&format!("c{i}"));
         let t = Instant::now();
         work.push_ok(&replicas[0], &["HEAD:refs/heads/main"]);
         cluster_push.push(t.elapsed());
         wait_for(&replicas[1..], &id);
-        lag.push(t.elapsed() - cluster_push[i]);
+        let everywhere = t.elapsed();
+        lag.push(everywhere.saturating_sub(cluster_push[i]));
+        start_to_everywhere.push(everywhere);
         let t = Instant::now();
         work.push_ok(&plain, &["HEAD:refs/heads/main"]);
         plain_push.push(t.elapsed());
+        let t = Instant::now();
+        work.push_ok(&plain_fsync, &["HEAD:refs/heads/main"]);
+        fsync_push.push(t.elapsed());
     }
     report(
         "git push, 1 small commit, plain bare repo (no hooks)",
         &mut plain_push,
     );
     report(
+        "git push, 1 small commit, plain bare repo with core.fsync=committed",
+        &mut fsync_push,
+    );
+    report(
         "git push, 1 small commit, into the 3-node cluster",
         &mut cluster_push,
+    );
+    report(
+        "push started -> ref on all three replicas",
+        &mut start_to_everywhere,
     );
     report(
         "replication lag (push returned -> ref on both other replicas)",
@@ -115,6 +135,18 @@ fn hook_alone(repo: &Path) {
         "`piehole hook update` alone (process start + 1 round trip)",
         &mut times,
     );
+    let mut times = Vec::new();
+    for _ in 0..SAMPLES {
+        let t = Instant::now();
+        let out = Command::new(harness::piehole())
+            .args(["hook", "post-update", "refs/heads/main"])
+            .current_dir(repo)
+            .output()
+            .expect("run the hook");
+        times.push(t.elapsed());
+        assert!(out.status.success(), "{}", harness::show(&out));
+    }
+    report("`piehole hook post-update` alone", &mut times);
     let mut times = Vec::new();
     for _ in 0..SAMPLES {
         let t = Instant::now();
