@@ -38,6 +38,12 @@ fn dedup_index_key(index: u64) -> Vec<u8> {
     k
 }
 
+fn insert_seen(batch: &mut sled::Batch, seen: &pb::AppliedRequest) {
+    let k = dedup_key(seen.origin_node, seen.request_id);
+    batch.insert(dedup_index_key(seen.index), k.clone());
+    batch.insert(k, seen.encode_to_vec());
+}
+
 fn outcome_to(o: &Outcome) -> pb::StoredOutcome {
     match o {
         Outcome::Cas { applied, current } => pb::StoredOutcome {
@@ -205,14 +211,7 @@ impl StateMachine {
     /// Records an applied request and forgets the one applied DEDUP_WINDOW
     /// entries ago, so the table stays small and every node forgets the same.
     fn remember(&self, batch: &mut sled::Batch, seen: &pb::AppliedRequest) -> anyhow::Result<()> {
-        batch.insert(
-            dedup_key(seen.origin_node, seen.request_id),
-            seen.encode_to_vec(),
-        );
-        batch.insert(
-            dedup_index_key(seen.index),
-            dedup_key(seen.origin_node, seen.request_id),
-        );
+        insert_seen(batch, seen);
         if let Some(old_index) = seen.index.checked_sub(DEDUP_WINDOW) {
             if let Some(old) = self.tree.get(dedup_index_key(old_index))? {
                 batch.remove(old.to_vec());
@@ -374,14 +373,7 @@ impl StateMachine {
             }
         }
         for seen in &snap.applied_requests {
-            batch.insert(
-                dedup_key(seen.origin_node, seen.request_id),
-                seen.encode_to_vec(),
-            );
-            batch.insert(
-                dedup_index_key(seen.index),
-                dedup_key(seen.origin_node, seen.request_id),
-            );
+            insert_seen(&mut batch, seen);
         }
         self.tree.apply_batch(batch)?;
         for g in snap.groups {
