@@ -519,6 +519,28 @@ fn peer_api_refuses_calls_without_the_right_secret() {
         let _ = peer
             .raft(peer_request(batch, Some("2"), Some(SECRET)))
             .await;
+        // A well-formed raft snapshot whose state data is garbage, from a
+        // member with the right secret and a term that would win: refused
+        // before raft sees it (installing it would stop the node).
+        let mut snapshot = raft::prelude::Message {
+            from: 2,
+            to: 1,
+            term: 1_000,
+            ..Default::default()
+        };
+        snapshot.set_msg_type(raft::prelude::MessageType::MsgSnapshot);
+        snapshot.mut_snapshot().data = noise(64, 5).into();
+        snapshot.mut_snapshot().mut_metadata().index = 1_000_000;
+        snapshot.mut_snapshot().mut_metadata().term = 1_000;
+        let batch = pb::RaftBatch {
+            from: 2,
+            messages: vec![protobuf::Message::write_to_bytes(&snapshot).unwrap()],
+        };
+        let e = peer
+            .raft(peer_request(batch, Some("2"), Some(SECRET)))
+            .await
+            .expect_err("a snapshot with garbage state data was accepted");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     });
 
     // The refusals were logged.

@@ -9,6 +9,7 @@ use std::sync::{mpsc, Arc};
 use piehole_protocol::limits::{FROM_HEADER, PACK_CHUNK_BYTES, SECRET_HEADER};
 use piehole_protocol::pb::{self, peer_server::Peer};
 use piehole_protocol::validate;
+use prost::Message as _;
 use protobuf::Message as _;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -89,6 +90,13 @@ impl Peer for PeerService {
                 return Err(Status::invalid_argument(
                     "raft message is not from the caller or not for this node",
                 ));
+            }
+            // A snapshot the state machine could not restore would stop the
+            // node once raft had accepted it: check it at the door.
+            if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot
+                && pb::StateSnapshot::decode(&m.get_snapshot().data[..]).is_err()
+            {
+                return Err(Status::invalid_argument("undecodable snapshot data"));
             }
             msgs.push(m);
         }
