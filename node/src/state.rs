@@ -262,6 +262,13 @@ impl StateMachine {
             .collect()
     }
 
+    /// The outcome of a request this state remembers having applied.
+    pub fn seen(&self, origin: u64, request: u64) -> Option<Outcome> {
+        let v = self.tree.get(dedup_key(origin, request)).ok()??;
+        let seen = pb::AppliedRequest::decode(v.as_ref()).ok()?;
+        Some(outcome_from(seen.outcome.unwrap_or_default()))
+    }
+
     /// One consensus ref's value, as applied here.
     pub fn ref_value(&self, group: &str, ref_name: &str) -> Option<String> {
         let v = self.tree.get(key(REF, group, ref_name.as_bytes())).ok()??;
@@ -508,6 +515,14 @@ mod tests {
         other.restore(idx, &data, b"").unwrap();
         other.apply(4, &create).unwrap();
         assert!(other.group("g").unwrap().refs.is_empty());
+        assert_eq!(
+            other.seen(1, create.request_id),
+            Some(Outcome::Cas {
+                applied: true,
+                current: Some(A.into())
+            })
+        );
+        assert_eq!(other.seen(1, u64::MAX), None);
     }
 
     #[test]

@@ -208,6 +208,20 @@ impl Driver {
         self.raw.mut_store().apply_snapshot(snap)?;
         self.raw.store().flush()?;
         self.snapshots_installed += 1;
+        // Our own proposals the snapshot already covers never come out of
+        // the log here; the snapshot remembers their outcomes.
+        let me = self.raw.raft.id;
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let done: Vec<u64> = waiters
+            .keys()
+            .copied()
+            .filter(|&id| self.state.seen(me, id).is_some())
+            .collect();
+        for id in done {
+            if let (Some(tx), Some(outcome)) = (waiters.remove(&id), self.state.seen(me, id)) {
+                let _ = tx.send(outcome);
+            }
+        }
         Ok(())
     }
 
