@@ -163,17 +163,13 @@ fn hook_alone(repo: &Path) {
 /// Spins on the loose ref files (the replicator writes loose refs), so the
 /// lag figure has sub-millisecond resolution rather than a poll interval's.
 fn wait_for(repos: &[std::path::PathBuf], id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
     let at = |r: &std::path::PathBuf| {
         std::fs::read_to_string(r.join("refs/heads/main")).is_ok_and(|s| s.trim() == id)
     };
-    while !repos.iter().all(at) {
-        assert!(
-            Instant::now() < deadline,
-            "replication of {id} did not finish in 30 s"
-        );
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    let done = harness::poll(Duration::from_micros(200), Duration::from_secs(30), || {
+        repos.iter().all(at).then_some(())
+    });
+    assert!(done.is_some(), "replication of {id} did not finish in 30 s");
 }
 
 fn report(what: &str, times: &mut [Duration]) {

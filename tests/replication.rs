@@ -117,7 +117,7 @@ fn concurrent_conflicting_pushes_one_wins_and_replicas_never_diverge() {
                 let out = git::git(&work_path, &["push", remote.to_str().unwrap(), "main"]);
                 Attempt {
                     ok: out.status.success(),
-                    stderr: git::stderr(&out),
+                    stderr: harness::stderr(&out),
                 }
             })
         };
@@ -173,7 +173,7 @@ fn concurrent_conflicting_pushes_one_wins_and_replicas_never_diverge() {
         }
 
         // Never diverge: while converging, every replica holds base or the winner, never the loser.
-        git::wait_for(
+        harness::poll_until_showing(
             &format!("round {round}: every replica at the winner"),
             git::CONVERGE,
             || {
@@ -301,7 +301,7 @@ fn status_shows_each_replica_with_consensus_and_local_values() {
     // Lag is visible: a consensus value no replica can satisfy (an object
     // nobody has) shows every replica behind, with a "since" time.
     let ghost = "1234567890abcdef1234567890abcdef12345678";
-    let out = c.cas(2, GROUP, "refs/heads/ghost", git::ZERO, ghost);
+    let out = c.cas(2, GROUP, "refs/heads/ghost", harness::ZERO, ghost);
     git::assert_ok(&out, "ref cas refs/heads/ghost");
     harness::poll_until(
         "status to report every replica behind on refs/heads/ghost",

@@ -41,9 +41,9 @@ fn assert_problems(repo: &Path, expected: &[&str]) {
         out.status.code(),
         Some(1),
         "check should fail:\n{}",
-        git::describe(&out)
+        harness::show(&out)
     );
-    let err = git::stderr(&out);
+    let err = harness::stderr(&out);
     let problems: Vec<&str> = err
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -66,7 +66,7 @@ fn assert_problems(repo: &Path, expected: &[&str]) {
 }
 
 fn hook_files(repo: &Path) -> Vec<(String, Vec<u8>, u32)> {
-    ["update", "post-update"]
+    ["proc-receive"]
         .iter()
         .map(|h| {
             let p = repo.join("hooks").join(h);
@@ -81,7 +81,7 @@ fn config(repo: &Path, key: &str) -> Option<String> {
     let out = git::git(repo, &["config", "--get", key]);
     out.status
         .success()
-        .then(|| git::stdout(&out).trim().to_string())
+        .then(|| harness::stdout(&out).trim().to_string())
 }
 
 fn write_foreign_hook(repo: &Path, name: &str) -> Vec<u8> {
@@ -108,13 +108,13 @@ fn install_refuses_a_non_bare_repository() {
             !out.status.success(),
             "install in {} must fail:\n{}",
             dir.display(),
-            git::describe(&out)
+            harness::show(&out)
         );
         harness::assert_one_line_error(&out, 1);
         assert!(
-            git::stderr(&out).to_lowercase().contains("bare"),
+            harness::stderr(&out).to_lowercase().contains("bare"),
             "the error says why:\n{}",
-            git::describe(&out)
+            harness::show(&out)
         );
         assert!(
             !work.path.join(".git/hooks/update").exists(),
@@ -142,10 +142,14 @@ fn install_in_the_git_dir_of_a_work_tree_says_it_is_not_bare() {
     );
 }
 
+/// A foreign proc-receive hook would be overwritten, and a foreign update
+/// hook would stop running for the refs piehole's proc-receive hook handles:
+/// install refuses both unless forced. Forced, piehole's hook takes over and
+/// the foreign update hook is left where it was.
 #[test]
 fn install_refuses_foreign_hooks_unless_forced() {
     let c = Cluster::start(3);
-    for (i, hook) in ["update", "post-update"].into_iter().enumerate() {
+    for (i, hook) in ["proc-receive", "update"].into_iter().enumerate() {
         let group = format!("g{i}");
         let repo = git::bare_repo(&c, 1, &group);
         let foreign = write_foreign_hook(&repo, hook);
@@ -172,18 +176,21 @@ fn install_refuses_foreign_hooks_unless_forced() {
             "refused before writing anything"
         );
         let out = git::check(&repo);
-        git::assert_failed_with(
-            &out,
-            "check",
-            &format!("piehole: problem: hook {hook} is not piehole's"),
-        );
+        let problem = if hook == "proc-receive" {
+            "piehole: problem: hook proc-receive is not piehole's"
+        } else {
+            "piehole: problem: hook proc-receive is missing"
+        };
+        git::assert_failed_with(&out, "check", problem);
 
         let out = git::install_with(&c, 1, &repo, &["--force"]);
         git::assert_ok(&out, "install --force");
-        assert_ne!(
-            std::fs::read(repo.join("hooks").join(hook)).unwrap(),
-            foreign
-        );
+        let now = std::fs::read(repo.join("hooks").join(hook)).unwrap();
+        if hook == "proc-receive" {
+            assert_ne!(now, foreign, "piehole's hook replaced it");
+        } else {
+            assert_eq!(now, foreign, "a foreign update hook is not deleted");
+        }
         let out = git::check(&repo);
         git::assert_ok(&out, "check after install --force");
     }
@@ -208,15 +215,19 @@ fn install_is_idempotent_and_writes_config_reflog_and_hooks() {
     assert_eq!(config(&repo, "piehole.node").as_deref(), sock.to_str());
     assert_eq!(
         config(&repo, "core.logAllRefUpdates").as_deref(),
-        Some("true")
+        Some("always")
+    );
+    assert_eq!(
+        config(&repo, "receive.procReceiveRefs").as_deref(),
+        Some("refs/")
     );
 
     let out = git::install(&c, 2, &repo);
     git::assert_ok(&out, "second install");
     assert!(
-        git::stdout(&out).contains("already installed"),
+        harness::stdout(&out).contains("already installed"),
         "{}",
-        git::describe(&out)
+        harness::show(&out)
     );
     assert_eq!(
         hook_files(&repo),
@@ -235,8 +246,10 @@ fn install_is_idempotent_and_writes_config_reflog_and_hooks() {
     git::assert_ok(&out, "check in a repo installed with --group");
 }
 
-/// The first repository installed into an empty group brings its refs; a
-/// later one with other refs follows the group instead.
+/// The first repository installed into an empty group brings its refs. A
+/// later one with other refs is refused, since following the group would
+/// delete or rewind them; with --force it follows the group, its own tips
+/// kept under refs/piehole/kept/.
 #[test]
 fn install_seeds_an_empty_group_and_later_replicas_follow() {
     let c = Cluster::start_with(3, &["--reconcile-interval-ms", "1000"]);
@@ -253,12 +266,12 @@ fn install_seeds_an_empty_group_and_later_replicas_follow() {
         git::rev_parse_ref(&first, MAIN),
         Some(c1.clone()),
         "install must not lose the repository's refs:\n{}",
-        git::describe(&out)
+        harness::show(&out)
     );
     assert!(
-        git::stdout(&out).contains("consensus now starts from this repository's 2 refs"),
+        harness::stdout(&out).contains("consensus now starts from this repository's 2 refs"),
         "{}",
-        git::describe(&out)
+        harness::show(&out)
     );
     let consensus = git::consensus(&c, 2, "proj");
     assert_eq!(consensus.get(MAIN), Some(&c1));
@@ -270,7 +283,22 @@ fn install_seeds_an_empty_group_and_later_replicas_follow() {
     let second = git::bare_repo(&c, 2, "proj");
     stray.push_ok(&second, &["main:refs/heads/stray", "main"]);
     let out = git::install(&c, 2, &second);
-    git::assert_ok(&out, "install of a second replica");
+    let line = harness::assert_one_line_error(&out, 1);
+    for name in [MAIN, "refs/heads/stray", "--force"] {
+        assert!(line.contains(name), "the refusal names {name}: {line}");
+    }
+    let out = git::install_with(&c, 2, &second, &["--force"]);
+    git::assert_ok(&out, "install --force of a second replica");
+    let kept = git::refs(&second);
+    let stray_tip = stray.head();
+    for name in [MAIN, "refs/heads/stray"] {
+        assert!(
+            kept.iter().any(|(k, v)| k.starts_with("refs/piehole/kept/")
+                && k.ends_with(name)
+                && *v == stray_tip),
+            "{name} is kept under refs/piehole/kept/: {kept:?}"
+        );
+    }
     assert_eq!(
         git::consensus(&c, 1, "proj"),
         consensus,
@@ -293,7 +321,7 @@ fn check_exits_zero_on_a_healthy_replicated_repo() {
     for r in &reps {
         let out = git::check(r);
         git::assert_ok(&out, &format!("check in {}", r.display()));
-        assert!(git::stderr(&out).is_empty(), "{}", git::describe(&out));
+        assert!(harness::stderr(&out).is_empty(), "{}", harness::show(&out));
     }
 }
 
@@ -309,17 +337,17 @@ fn check_names_reflog_off() {
 fn check_names_a_missing_hook() {
     let c = cluster();
     let (repo, _) = healthy_replica(&c, 1, "proj");
-    std::fs::remove_file(repo.join("hooks/update")).unwrap();
-    assert_problems(&repo, &["hook update is missing"]);
+    std::fs::remove_file(repo.join("hooks/proc-receive")).unwrap();
+    assert_problems(&repo, &["hook proc-receive is missing"]);
 }
 
 #[test]
 fn check_names_a_hook_that_is_not_executable() {
     let c = cluster();
     let (repo, _) = healthy_replica(&c, 1, "proj");
-    let p = repo.join("hooks/post-update");
+    let p = repo.join("hooks/proc-receive");
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-    assert_problems(&repo, &["hook post-update is not executable"]);
+    assert_problems(&repo, &["hook proc-receive is not executable"]);
 }
 
 #[test]
@@ -327,14 +355,14 @@ fn check_names_several_local_problems_at_once() {
     let c = cluster();
     let (repo, _) = healthy_replica(&c, 1, "proj");
     git::git_ok(&repo, &["config", "core.logAllRefUpdates", "false"]);
-    std::fs::remove_file(repo.join("hooks/post-update")).unwrap();
-    write_foreign_hook(&repo, "update");
+    git::git_ok(&repo, &["config", "--unset-all", "receive.procReceiveRefs"]);
+    write_foreign_hook(&repo, "proc-receive");
     assert_problems(
         &repo,
         &[
             "reflog is off",
-            "hook post-update is missing",
-            "hook update is not piehole's",
+            "receive.procReceiveRefs is not refs/",
+            "hook proc-receive is not piehole's",
         ],
     );
 }
@@ -348,9 +376,9 @@ fn check_names_an_unreachable_node() {
     let out = git::check(&repo);
     assert_problems(&repo, &["the local piehole node is unreachable at "]);
     assert!(
-        git::stderr(&out).contains(sock.to_str().unwrap()),
+        harness::stderr(&out).contains(sock.to_str().unwrap()),
         "names the socket:\n{}",
-        git::describe(&out)
+        harness::show(&out)
     );
     c.restart(2);
     let out = git::check(&repo);
@@ -365,11 +393,11 @@ fn check_names_a_repository_that_is_not_registered() {
     let (registered, _) = healthy_replica(&c, 1, "proj");
     let copy = c.dir.path().join("node1").join("copy").join("proj.git");
     git::init_bare(&copy);
-    for h in ["update", "post-update"] {
-        std::fs::copy(registered.join("hooks").join(h), copy.join("hooks").join(h)).unwrap();
-    }
+    let hook = "hooks/proc-receive";
+    std::fs::copy(registered.join(hook), copy.join(hook)).unwrap();
     let sock = c.socket(1);
     git::git_ok(&copy, &["config", "core.logAllRefUpdates", "true"]);
+    git::git_ok(&copy, &["config", "receive.procReceiveRefs", "refs/"]);
     git::git_ok(&copy, &["config", "piehole.group", "proj"]);
     git::git_ok(&copy, &["config", "piehole.node", sock.to_str().unwrap()]);
     git::git_ok(

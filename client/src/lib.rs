@@ -56,6 +56,14 @@ pub fn resolve_socket(flag: Option<PathBuf>, git_dir: Option<&Path>) -> PathBuf 
     PathBuf::from(DEFAULT_SOCKET)
 }
 
+/// One ref of a push, as git reported it (ids 40 hex, empty for absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushUpdate {
+    pub ref_name: String,
+    pub old: String,
+    pub new: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CasOutcome {
     pub applied: bool,
@@ -143,51 +151,60 @@ impl LocalClient {
         Ok(self.grpc.read_refs(req).await?.into_inner())
     }
 
-    /// Returns how many of the repository's refs seeded a brand-new group.
-    pub async fn register(&mut self, group: &str, path: &Path) -> Result<u64, ClientError> {
+    /// Registers the repository at `path` as this node's replica of
+    /// `group`; `force` joins a group whose refs would replace some of the
+    /// repository's own (which are kept under refs/piehole/kept/).
+    pub async fn register(
+        &mut self,
+        group: &str,
+        path: &Path,
+        force: bool,
+    ) -> Result<pb::RegisterReply, ClientError> {
         let req = pb::RegisterRequest {
             group: group.into(),
             path: path.to_string_lossy().into_owned(),
+            force,
         };
-        Ok(self.grpc.register(req).await?.into_inner().seeded)
+        Ok(self.grpc.register(req).await?.into_inner())
     }
 
+    /// Makes the registered replica at `repo_path` the group's consensus;
+    /// `prune` also removes consensus refs it lacks.
     pub async fn clobber(
         &mut self,
-        group: &str,
-        refs: &BTreeMap<String, String>,
-    ) -> Result<(), ClientError> {
-        let refs = refs
-            .iter()
-            .map(|(k, v)| pb::ConsensusRef {
-                ref_name: k.clone(),
-                value: v.clone(),
-                proposer: 0,
-            })
-            .collect();
-        self.grpc
-            .clobber(pb::ClobberRequest {
-                group: group.into(),
-                refs,
-            })
-            .await?;
-        Ok(())
+        repo_path: &Path,
+        prune: bool,
+    ) -> Result<pb::ClobberReply, ClientError> {
+        let req = pb::ClobberRequest {
+            repo_path: repo_path.to_string_lossy().into_owned(),
+            prune,
+        };
+        Ok(self.grpc.clobber(req).await?.into_inner())
     }
 
-    pub async fn hook_update(
+    /// One push's ref updates, decided by the node. Ids in piehole's form
+    /// (40 hex, empty for absent).
+    pub async fn hook_push(
         &mut self,
         repo_path: &Path,
-        ref_name: &str,
-        old: &str,
-        new: &str,
-    ) -> Result<pb::HookUpdateReply, ClientError> {
-        let req = pb::HookUpdateRequest {
+        updates: Vec<PushUpdate>,
+        atomic: bool,
+        git_moves_refs: bool,
+    ) -> Result<Vec<pb::RefVerdict>, ClientError> {
+        let req = pb::HookPushRequest {
             repo_path: repo_path.to_string_lossy().into_owned(),
-            ref_name: ref_name.into(),
-            old: old.into(),
-            new: new.into(),
+            updates: updates
+                .into_iter()
+                .map(|u| pb::RefUpdate {
+                    ref_name: u.ref_name,
+                    old: u.old,
+                    new: u.new,
+                })
+                .collect(),
+            atomic,
+            git_moves_refs,
         };
-        Ok(self.grpc.hook_update(req).await?.into_inner())
+        Ok(self.grpc.hook_push(req).await?.into_inner().verdicts)
     }
 
     pub async fn hook_post_update(

@@ -3,6 +3,7 @@
 //! the user as one line on stderr and a non-zero exit, never a panic.
 
 mod cmd;
+mod pkt_line;
 
 use std::process::ExitCode;
 

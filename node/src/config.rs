@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::durability::Durability;
+
 /// Settings as written by a user (flags or `--config FILE`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -20,6 +22,7 @@ pub struct NodeSettings {
     pub request_timeout_ms: Option<u64>,
     pub snapshot_interval: Option<u64>,
     pub reconcile_interval_ms: Option<u64>,
+    pub durability: Option<String>,
     pub etcd: Option<Vec<String>>,
 }
 
@@ -37,6 +40,7 @@ pub struct NodeConfig {
     pub tick: Duration,
     pub snapshot_interval: u64,
     pub reconcile_interval: Duration,
+    pub durability: Durability,
 }
 
 impl NodeConfig {
@@ -69,6 +73,7 @@ impl NodeSettings {
             request_timeout_ms: over.request_timeout_ms.or(self.request_timeout_ms),
             snapshot_interval: over.snapshot_interval.or(self.snapshot_interval),
             reconcile_interval_ms: over.reconcile_interval_ms.or(self.reconcile_interval_ms),
+            durability: over.durability.or(self.durability),
             etcd: over.etcd.or(self.etcd),
         }
     }
@@ -132,7 +137,12 @@ impl NodeSettings {
                  (use --cluster-secret-file or PIEHOLE_CLUSTER_SECRET)"
             ));
         }
+        let durability = match self.durability {
+            Some(d) => d.parse()?,
+            None => Durability::default(),
+        };
         Ok(NodeConfig {
+            durability,
             id,
             data_dir,
             listen,

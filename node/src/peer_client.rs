@@ -32,11 +32,17 @@ impl tonic::service::Interceptor for PeerAuth {
 pub type PeerClient = GrpcPeerClient<InterceptedService<Channel, PeerAuth>>;
 
 /// Connects lazily: the first call dials, a dead peer fails fast.
+///
+/// No deadline covers a whole call here, since a pack of a large repository
+/// legitimately streams for long; callers bound each call or each chunk.
+/// HTTP/2 keepalive finds a connection whose packets vanish (a peer frozen
+/// or cut off) within a few seconds, idle or not, and fails what is on it.
 pub fn connect(addr: &str, auth: &PeerAuth) -> anyhow::Result<PeerClient> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(1))
-        // Bounds a hung peer; a pack of a large repository legitimately takes long.
-        .timeout(Duration::from_secs(600))
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true)
         .connect_lazy();
     Ok(GrpcPeerClient::with_interceptor(channel, auth.clone())

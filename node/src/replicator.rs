@@ -1,89 +1,71 @@
 //! Makes this node's replicas match the consensus. It consumes applied
-//! changes (and nudges, and a periodic reconcile) and, per group: moves local
-//! refs whose objects are already here, fetches a pack from a peer that has
-//! the rest, then moves those refs — always with a compare-and-swap on the
-//! local ref, and never to a value the consensus does not hold.
+//! changes (and nudges, and a periodic reconcile) and, per group: moves the
+//! local refs whose objects are already here (through [`LocalRefs`]), asks
+//! peers for the objects of the rest, then moves those.
+//!
+//! Objects are fetched per ref: a peer sends a pack of the wants it can
+//! serve and names the ones it cannot, so a value that no replica has (a
+//! lost push) blocks only its own ref; it is reported as unfetchable.
+//! Groups replicate concurrently, a few at a time, so one slow peer or one
+//! huge pack does not hold up the rest. Packs stream in both directions and
+//! every wait on a peer is bounded.
 //!
 //! Correctness never depends on a nudge arriving: the periodic reconcile
 //! also covers a replica that drifted, was down or was re-created.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use piehole_protocol::limits::PACK_CHUNK_BYTES;
 use piehole_protocol::pb;
 use piehole_repo::Replica;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
-use crate::consensus::{Consensus, GroupView};
+use crate::consensus::Consensus;
+use crate::local_refs::{LocalRefs, Scope, Synced};
 use crate::peer_client::{self, PeerAuth};
 use crate::update_rule::blocking;
 
-/// How long a ref accepted by the update hook is left to git: git moves it
-/// itself after the hook, and a replicator that got there first would make
-/// git's own update fail. post-update releases it sooner.
-const HOLD_FOR: Duration = Duration::from_secs(30);
-
-/// Refs a push is in the middle of moving: the update hook accepted them and
-/// git has yet to move them itself. The replicator keeps its hands off, or
-/// git's own compare-and-swap of the ref would fail and the push with it.
-///
-/// Counted: two pushes of the same ref may be in flight at once.
-#[derive(Clone, Default)]
-pub struct Holds(Arc<Mutex<HashMap<GroupRef, (usize, Instant)>>>);
-
-/// (group, ref name)
-type GroupRef = (String, String);
-
-impl Holds {
-    fn hold(&self, group: &str, ref_name: &str) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = map
-            .entry((group.to_string(), ref_name.to_string()))
-            .or_insert((0, Instant::now()));
-        *entry = (entry.0 + 1, Instant::now());
-    }
-
-    fn release(&self, group: &str, ref_names: &[String]) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        for r in ref_names {
-            let key = (group.to_string(), r.clone());
-            if let Some(entry) = map.get_mut(&key) {
-                entry.0 = entry.0.saturating_sub(1);
-                if entry.0 == 0 {
-                    map.remove(&key);
-                }
-            }
-        }
-    }
-
-    fn is_held(&self, group: &str, ref_name: &str) -> bool {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, (_, t)| t.elapsed() < HOLD_FOR);
-        map.contains_key(&(group.to_string(), ref_name.to_string()))
-    }
-}
+/// Groups synced at once.
+const PARALLEL_GROUPS: usize = 4;
+/// Packs this node builds for peers at once.
+const PARALLEL_BUILDS: usize = 4;
+/// A peer must start answering a fetch within this long...
+const FIRST_ANSWER: Duration = Duration::from_secs(10);
+/// ...and then send something at least this often. (A peer that is frozen
+/// or cut off is found sooner by the connection's keepalive.)
+const PACK_IDLE: Duration = Duration::from_secs(60);
+const REFLOG_REPLICATE: &str = "piehole: replicate";
 
 #[derive(Debug, Clone)]
 struct Lag {
     consensus: String,
     local: String,
     differs_since_unix_ms: u64,
+    unfetchable: bool,
 }
 
 pub struct Replicator {
     consensus: Arc<dyn Consensus>,
+    local_refs: Arc<LocalRefs>,
     node_id: u64,
     peers: BTreeMap<u64, String>,
     auth: PeerAuth,
     reconcile_every: Duration,
     nudges: mpsc::UnboundedSender<String>,
     nudge_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
-    /// (group, ref) accepted by a hook and not yet moved by git.
-    holds: Holds,
     /// (group, ref) -> last seen consensus and local values.
     lag: Mutex<BTreeMap<(String, String), Lag>>,
+    /// Groups with a pass under way; true when another is wanted after it.
+    running: Mutex<HashMap<String, bool>>,
+    /// Consecutive failed passes per group, for backing off.
+    failures: Mutex<HashMap<String, u32>>,
+    slots: Arc<Semaphore>,
+    builds: Arc<Semaphore>,
+    /// Repositories with a `git gc --auto` under way.
+    gc_running: Mutex<BTreeSet<PathBuf>>,
 }
 
 fn now_ms() -> u64 {
@@ -93,9 +75,18 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// What one fetch from one peer did.
+struct Fetched {
+    /// Wants the peer said it cannot serve.
+    lacked: Vec<String>,
+    /// Wants still incomplete here after indexing what it sent.
+    still_missing: BTreeSet<String>,
+}
+
 impl Replicator {
     pub fn new(
         consensus: Arc<dyn Consensus>,
+        local_refs: Arc<LocalRefs>,
         peers: BTreeMap<u64, String>,
         auth: PeerAuth,
         reconcile_every: Duration,
@@ -104,13 +95,18 @@ impl Replicator {
         Arc::new(Replicator {
             node_id: consensus.node_id(),
             consensus,
+            local_refs,
             peers,
             auth,
             reconcile_every,
             nudges,
             nudge_rx: Mutex::new(Some(rx)),
-            holds: Holds::default(),
             lag: Mutex::default(),
+            running: Mutex::default(),
+            failures: Mutex::default(),
+            slots: Arc::new(Semaphore::new(PARALLEL_GROUPS)),
+            builds: Arc::new(Semaphore::new(PARALLEL_BUILDS)),
+            gc_running: Mutex::default(),
         })
     }
 
@@ -118,24 +114,13 @@ impl Replicator {
         let _ = self.nudges.send(group.to_string());
     }
 
-    pub fn hold(&self, group: &str, ref_name: &str) {
-        self.holds.hold(group, ref_name);
-    }
-
-    pub fn release(&self, group: &str, ref_names: &[String]) {
-        self.holds.release(group, ref_names);
-    }
-
-    pub fn is_held(&self, group: &str, ref_name: &str) -> bool {
-        self.holds.is_held(group, ref_name)
-    }
-
-    fn guard(&self, group: &str) -> MoveGuard {
-        MoveGuard {
-            holds: self.holds.clone(),
-            consensus: self.consensus.clone(),
-            group: group.to_string(),
-        }
+    fn nudge_after(self: &Arc<Self>, group: &str, delay: Duration) {
+        let me = self.clone();
+        let group = group.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            me.nudge(&group);
+        });
     }
 
     /// The path of this node's replica of `group`, from local state.
@@ -144,11 +129,11 @@ impl Replicator {
     }
 
     /// The group this node hosts at `path` (as registered), if any.
-    pub fn group_at(&self, path: &std::path::Path) -> Option<String> {
+    pub fn group_at(&self, path: &Path) -> Option<String> {
         self.consensus
             .hosted()
             .into_iter()
-            .find(|(_, p)| std::path::Path::new(p) == path)
+            .find(|(_, p)| Path::new(p) == path)
             .map(|(g, _)| g)
     }
 
@@ -163,58 +148,36 @@ impl Replicator {
                 consensus: l.consensus.clone(),
                 local: l.local.clone(),
                 differs_since_unix_ms: l.differs_since_unix_ms,
+                unfetchable: l.unfetchable,
             })
             .collect()
     }
 
-    fn record_lag(
-        &self,
-        group: &str,
-        consensus: &BTreeMap<String, String>,
-        local: &BTreeMap<String, String>,
-    ) {
+    /// Records what a pass saw; `unfetchable` are refs nobody could serve.
+    fn record_lag(&self, group: &str, synced: &Synced, unfetchable: &BTreeSet<String>) {
         let mut lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
-        lag.retain(|(g, r), _| g != group || consensus.contains_key(r) || local.contains_key(r));
-        let names: BTreeSet<&String> = consensus.keys().chain(local.keys()).collect();
+        lag.retain(|(g, r), _| {
+            g != group || synced.consensus.contains_key(r) || synced.local.contains_key(r)
+        });
+        let names: BTreeSet<&String> = synced.consensus.keys().chain(synced.local.keys()).collect();
         for name in names {
-            let c = consensus.get(name).cloned().unwrap_or_default();
-            let l = local.get(name).cloned().unwrap_or_default();
+            let c = synced.consensus.get(name).cloned().unwrap_or_default();
+            let l = synced.local.get(name).cloned().unwrap_or_default();
             let entry = lag.entry((group.to_string(), name.clone())).or_insert(Lag {
                 consensus: c.clone(),
                 local: l.clone(),
                 differs_since_unix_ms: 0,
+                unfetchable: false,
             });
             entry.differs_since_unix_ms = match (c == l, entry.differs_since_unix_ms) {
                 (true, _) => 0,
                 (false, 0) => now_ms(),
                 (false, since) => since,
             };
+            entry.unfetchable = c != l && unfetchable.contains(name);
             entry.consensus = c;
             entry.local = l;
         }
-    }
-
-    /// A pack of `wants` for a peer that already has `haves`.
-    pub async fn serve_pack(
-        &self,
-        group: &str,
-        wants: Vec<String>,
-        haves: Vec<String>,
-    ) -> Result<Vec<u8>, String> {
-        let path = self
-            .local_path(group)
-            .ok_or_else(|| format!("no replica of group {group} on this node"))?;
-        blocking(move || {
-            let repo = Replica::open(&path)?;
-            for w in &wants {
-                if !repo.is_complete(w)? {
-                    return Err(piehole_repo::RepoError::MissingObject(w.clone()));
-                }
-            }
-            repo.build_pack(&wants, &haves)
-        })
-        .await
-        .map_err(|e| e.to_string())
     }
 
     pub async fn run(self: Arc<Self>) {
@@ -227,7 +190,10 @@ impl Replicator {
             return;
         };
         let mut changes = self.consensus.subscribe();
-        let mut failures: HashMap<String, u32> = HashMap::new();
+        // State that is behind what the replicas were moved to before a
+        // crash must not drive them; LocalRefs waits too, this just keeps
+        // the first passes from queueing up meanwhile.
+        self.consensus.wait_replayed().await;
         let mut tick = tokio::time::interval(self.reconcile_every);
         loop {
             let mut due: BTreeSet<String> = BTreeSet::new();
@@ -247,226 +213,389 @@ impl Replicator {
                 due.insert(g);
             }
             for group in due {
-                match self.sync_group(&group).await {
-                    Ok(()) => {
-                        failures.remove(&group);
-                    }
-                    Err(e) => {
-                        let n = failures.entry(group.clone()).or_insert(0);
-                        *n += 1;
-                        let delay =
-                            Duration::from_millis(200 << (*n).min(6)).min(self.reconcile_every);
-                        tracing::warn!(group = %group, attempt = *n, error = %e, "replication incomplete; retrying");
-                        let me = self.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(delay).await;
-                            me.nudge(&group);
-                        });
-                    }
-                }
+                self.clone().schedule(group);
             }
         }
     }
 
-    /// One pass over one group. Err means something is still behind.
-    async fn sync_group(&self, group: &str) -> Result<(), String> {
-        let view = self
-            .consensus
-            .group(group, false)
-            .await
-            .map_err(|e| e.to_string())?;
-        let Some(path) = view.replicas.get(&self.node_id).map(PathBuf::from) else {
-            return Ok(());
-        };
-        let consensus: BTreeMap<String, String> = view
-            .refs
-            .iter()
-            .map(|(k, v)| (k.clone(), v.value.clone()))
-            .collect();
-        let (local, missing) = {
-            let (path, consensus, guard) = (path.clone(), consensus.clone(), self.guard(group));
-            blocking(move || apply_present(&Replica::open(&path)?, &consensus, &guard)).await
+    /// Starts a pass over `group`, or asks the running one to go again.
+    fn schedule(self: Arc<Self>, group: String) {
+        {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(again) = running.get_mut(&group) {
+                *again = true;
+                return;
+            }
+            running.insert(group.clone(), false);
         }
-        .map_err(|e| e.to_string())?;
-        self.record_lag(group, &consensus, &local);
-        if missing.is_empty() {
-            return Ok(());
-        }
-        self.fetch_missing(group, &view, &path, &consensus, &local, missing)
-            .await?;
-        let local = {
-            let path = path.clone();
-            blocking(move || Replica::open(&path)?.refs())
-                .await
-                .map_err(|e| e.to_string())?
-        };
-        self.record_lag(group, &consensus, &local);
-        Ok(())
+        tokio::spawn(async move {
+            let Ok(_slot) = self.slots.clone().acquire_owned().await else {
+                return;
+            };
+            loop {
+                let result = self.sync_group(&group).await;
+                self.after_pass(&group, result);
+                let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+                if running.get(&group) == Some(&true) {
+                    running.insert(group.clone(), false);
+                } else {
+                    running.remove(&group);
+                    break;
+                }
+            }
+        });
     }
 
+    fn after_pass(self: &Arc<Self>, group: &str, result: Result<Option<Instant>, String>) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(held_until) => {
+                failures.remove(group);
+                if let Some(until) = held_until {
+                    // A push's hold ends then at the latest: look again.
+                    let wait = until.saturating_duration_since(Instant::now());
+                    self.nudge_after(group, wait + Duration::from_millis(10));
+                }
+            }
+            Err(e) => {
+                let n = failures.entry(group.to_string()).or_insert(0);
+                *n += 1;
+                let delay = Duration::from_millis(100 << (*n).min(6)).min(self.reconcile_every);
+                tracing::warn!(group, attempt = *n, error = %e, "replication incomplete; retrying");
+                self.nudge_after(group, delay);
+            }
+        }
+    }
+
+    /// One pass over one group. Ok(Some(t)): a ref is left to a push in
+    /// flight until t. Err: something fetchable is still behind.
+    async fn sync_group(self: &Arc<Self>, group: &str) -> Result<Option<Instant>, String> {
+        let Some(path) = self.local_path(group) else {
+            return Ok(None);
+        };
+        tracing::trace!(group, "replication pass");
+        let synced = self
+            .local_refs
+            .sync(group, &path, Scope::All, REFLOG_REPLICATE)
+            .await
+            .map_err(|e| e.to_string())?;
+        if synced.missing.is_empty() {
+            self.record_lag(group, &synced, &BTreeSet::new());
+            return Ok(synced.held_until);
+        }
+        let (unfetchable_values, error) = self.fetch_missing(group, &path, &synced).await;
+        let names: BTreeSet<String> = synced.missing.keys().cloned().collect();
+        let after = self
+            .local_refs
+            .sync(group, &path, Scope::Only(names.clone()), REFLOG_REPLICATE)
+            .await
+            .map_err(|e| e.to_string())?;
+        let unfetchable: BTreeSet<String> = after
+            .missing
+            .iter()
+            .filter(|(_, v)| unfetchable_values.contains(*v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        // The whole group as the first pass saw it, with the second pass's
+        // word on the refs it looked at again.
+        let mut whole = synced;
+        for name in &names {
+            match after.local.get(name) {
+                Some(v) => whole.local.insert(name.clone(), v.clone()),
+                None => whole.local.remove(name),
+            };
+            match after.consensus.get(name) {
+                Some(v) => whole.consensus.insert(name.clone(), v.clone()),
+                None => whole.consensus.remove(name),
+            };
+        }
+        self.record_lag(group, &whole, &unfetchable);
+        let fetchable_behind = after.missing.keys().any(|name| !unfetchable.contains(name));
+        match error {
+            Some(e) if fetchable_behind => Err(e),
+            _ if fetchable_behind => Err("objects still missing after fetching".into()),
+            _ => {
+                if !unfetchable.is_empty() {
+                    tracing::warn!(group, refs = ?unfetchable, "no replica has the consensus value of these refs; `piehole clobber` in a good replica is the way out");
+                }
+                Ok(after.held_until)
+            }
+        }
+    }
+
+    /// Fetches the objects of `synced.missing` from the peers that may have
+    /// them. Returns the values every replica said it lacks, and the last
+    /// error if some peer could not be asked.
     async fn fetch_missing(
-        &self,
+        self: &Arc<Self>,
         group: &str,
-        view: &GroupView,
-        path: &std::path::Path,
-        consensus: &BTreeMap<String, String>,
-        local: &BTreeMap<String, String>,
-        missing: Vec<String>,
-    ) -> Result<(), String> {
-        let wants: Vec<String> = missing.iter().map(|r| consensus[r].clone()).collect();
-        let haves: Vec<String> = local
+        path: &Path,
+        synced: &Synced,
+    ) -> (BTreeSet<String>, Option<String>) {
+        let view = match self.consensus.local_group(group) {
+            Ok(v) => v,
+            Err(e) => return (BTreeSet::new(), Some(e.to_string())),
+        };
+        let mut wants: BTreeSet<String> = synced.missing.values().cloned().collect();
+        let haves: Vec<String> = synced
+            .local
             .values()
             .cloned()
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
         // The node that proposed a value certainly had its objects; try it first.
-        let mut sources: Vec<u64> = missing
-            .iter()
+        let mut sources: Vec<u64> = synced
+            .missing
+            .keys()
             .filter_map(|r| view.refs.get(r).map(|v| v.proposer))
             .collect();
         sources.extend(view.replicas.keys().copied());
         let mut seen = BTreeSet::new();
-        sources.retain(|&n| n != self.node_id && seen.insert(n));
-        let mut last_err = format!("no peer hosts group {group}");
-        for source in sources {
-            let Some(addr) = self.peers.get(&source) else {
-                continue;
-            };
-            match self.fetch_from(addr, group, &wants, &haves).await {
-                Ok(pack) => {
-                    let path = path.to_path_buf();
-                    let (consensus, local, refs) =
-                        (consensus.clone(), local.clone(), missing.clone());
-                    let guard = self.guard(group);
-                    let done = blocking(move || {
-                        let repo = Replica::open(&path)?;
-                        repo.index_pack(&pack)?;
-                        move_refs(&repo, &consensus, &local, &refs, &guard)
-                    })
-                    .await;
-                    // A bad or short pack from one node: try the next.
-                    match done {
-                        Ok(true) => {
-                            tracing::info!(
-                                group,
-                                from = source,
-                                refs = missing.len(),
-                                "replicated"
-                            );
-                            return Ok(());
-                        }
-                        Ok(false) => last_err = format!("node {source} sent an incomplete pack"),
-                        Err(e) => last_err = format!("pack from node {source}: {e}"),
+        sources.retain(|&n| n != self.node_id && self.peers.contains_key(&n) && seen.insert(n));
+        let mut lacked_by: HashMap<String, usize> = HashMap::new();
+        let mut answered = 0;
+        let mut error = None;
+        let mut fetched_any = false;
+        for source in &sources {
+            if wants.is_empty() {
+                break;
+            }
+            let want_list: Vec<String> = wants.iter().cloned().collect();
+            tracing::debug!(group, from = source, wants = want_list.len(), "fetching");
+            match self
+                .fetch_from(*source, group, &want_list, &haves, path)
+                .await
+            {
+                Ok(f) => {
+                    tracing::debug!(
+                        group,
+                        from = source,
+                        lacked = f.lacked.len(),
+                        still_missing = f.still_missing.len(),
+                        "fetched"
+                    );
+                    answered += 1;
+                    fetched_any |= f.still_missing.len() < want_list.len();
+                    for v in f.lacked {
+                        *lacked_by.entry(v).or_default() += 1;
                     }
+                    wants = f.still_missing;
                 }
-                Err(e) => last_err = format!("fetch from node {source}: {e}"),
+                Err(e) => error = Some(format!("fetch from node {source}: {e}")),
             }
         }
-        Err(last_err)
+        if fetched_any {
+            self.gc_soon(path);
+        }
+        // Unfetchable only when every other replica answered that it lacks it.
+        let unfetchable = if answered == sources.len() {
+            wants
+                .into_iter()
+                .filter(|v| lacked_by.get(v) == Some(&answered))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        (unfetchable, error)
     }
 
+    /// Asks node `source` for a pack of `wants`, indexing it as it streams.
     async fn fetch_from(
         &self,
-        addr: &str,
+        source: u64,
         group: &str,
         wants: &[String],
         haves: &[String],
-    ) -> Result<Vec<u8>, String> {
+        path: &Path,
+    ) -> Result<Fetched, String> {
+        let addr = self
+            .peers
+            .get(&source)
+            .ok_or_else(|| format!("node {source} is not a member"))?;
         let mut client = peer_client::connect(addr, &self.auth).map_err(|e| e.to_string())?;
         let req = pb::FetchPackRequest {
             group: group.into(),
             wants: wants.to_vec(),
             haves: haves.to_vec(),
         };
-        let mut stream = client
-            .fetch_pack(req)
+        let mut stream = tokio::time::timeout(FIRST_ANSWER, client.fetch_pack(req))
             .await
+            .map_err(|_| format!("no answer within {FIRST_ANSWER:?}"))?
             .map_err(|s| s.message().to_string())?
             .into_inner();
-        let mut pack = Vec::new();
-        while let Some(chunk) = stream
-            .message()
+        let (tx, mut rx) = mpsc::channel::<Result<Vec<u8>, String>>(8);
+        let (repo_path, want_list) = (path.to_path_buf(), wants.to_vec());
+        // Spawned now (not when awaited): it drains what the stream feeds it.
+        let indexer = tokio::task::spawn_blocking(move || {
+            let repo = Replica::open(&repo_path)?;
+            repo.receive_pack(std::iter::from_fn(|| rx.blocking_recv()))?;
+            let mut still = BTreeSet::new();
+            for w in want_list {
+                if !repo.is_complete(&w)? {
+                    still.insert(w);
+                }
+            }
+            Ok::<_, piehole_repo::RepoError>(still)
+        });
+        let mut lacked = Vec::new();
+        let mut first = true;
+        let feed = async {
+            loop {
+                let wait = if first { FIRST_ANSWER } else { PACK_IDLE };
+                let next = match tokio::time::timeout(wait, stream.message()).await {
+                    Ok(Ok(Some(chunk))) => chunk,
+                    Ok(Ok(None)) => return Ok(()),
+                    Ok(Err(s)) => return Err(s.message().to_string()),
+                    Err(_) => return Err(format!("the pack stream stalled for {wait:?}")),
+                };
+                if first {
+                    lacked = next.missing;
+                    first = false;
+                }
+                if !next.data.is_empty() && tx.send(Ok(next.data)).await.is_err() {
+                    return Ok(()); // the indexer stopped; it says why
+                }
+            }
+        };
+        let fed: Result<(), String> = feed.await;
+        if let Err(e) = &fed {
+            let _ = tx.send(Err(e.clone())).await;
+        }
+        drop(tx);
+        let still_missing = indexer
             .await
-            .map_err(|s| s.message().to_string())?
+            .map_err(|e| format!("indexing task failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+        fed?;
+        Ok(Fetched {
+            lacked,
+            still_missing,
+        })
+    }
+
+    /// `git gc --auto` in the background, one at a time per repository:
+    /// each replicated push leaves a pack, and git would never gc a
+    /// repository it did not receive a push into itself.
+    fn gc_soon(self: &Arc<Self>, path: &Path) {
         {
-            pack.extend_from_slice(&chunk.data);
+            let mut running = self.gc_running.lock().unwrap_or_else(|e| e.into_inner());
+            if !running.insert(path.to_path_buf()) {
+                return;
+            }
         }
-        Ok(pack)
+        let me = self.clone();
+        let path = path.to_path_buf();
+        tokio::spawn(async move {
+            let p = path.clone();
+            if let Err(e) = blocking(move || Replica::open(&p)?.gc_auto()).await {
+                tracing::warn!(repo = %path.display(), error = %e, "git gc --auto failed");
+            }
+            me.gc_running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&path);
+        });
+    }
+
+    /// A pack of those `wants` this replica has complete, for a peer that
+    /// already has `haves`, streamed as libgit2 writes it. The first message
+    /// names the wants left out.
+    pub async fn serve_pack(
+        &self,
+        group: &str,
+        wants: Vec<String>,
+        haves: Vec<String>,
+    ) -> Result<mpsc::Receiver<Result<pb::PackChunk, String>>, String> {
+        let path = self
+            .local_path(group)
+            .ok_or_else(|| format!("no replica of group {group} on this node"))?;
+        let permit = self
+            .builds
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| "shutting down".to_string())?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            if let Err(e) = stream_pack(&path, &wants, &haves, &tx) {
+                let _ = tx.blocking_send(Err(e.to_string()));
+            }
+        });
+        Ok(rx)
+    }
+
+    /// --durability quorum: fetch `wants` of `group` from node `source` now;
+    /// Ok once they are complete here (and fsynced, as every pack is).
+    pub async fn store_objects(
+        &self,
+        group: &str,
+        wants: Vec<String>,
+        source: u64,
+    ) -> Result<(), String> {
+        let path = self
+            .local_path(group)
+            .ok_or_else(|| format!("no replica of group {group} on this node"))?;
+        let p = path.clone();
+        let haves: Vec<String> = blocking(move || Replica::open(&p)?.refs())
+            .await
+            .map_err(|e| e.to_string())?
+            .into_values()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let fetched = self
+            .fetch_from(source, group, &wants, &haves, &path)
+            .await?;
+        match fetched.still_missing.first() {
+            None => Ok(()),
+            Some(w) => Err(format!("node {source} could not send all of {w}")),
+        }
     }
 }
 
-/// What must still hold the moment a local ref is moved: no push has it in
-/// flight, and the consensus (as applied here now, not when the pass began)
-/// still names the value we are about to write.
-#[derive(Clone)]
-struct MoveGuard {
-    holds: Holds,
-    consensus: Arc<dyn Consensus>,
-    group: String,
-}
-
-impl MoveGuard {
-    fn may_move(&self, name: &str, want: Option<&String>) -> bool {
-        !self.holds.is_held(&self.group, name)
-            && self.consensus.local_value(&self.group, name).as_ref() == want
-    }
-}
-
-/// Moves every ref whose consensus value is already complete here; returns
-/// the local refs as they were and the refs that need objects from a peer.
-fn apply_present(
-    repo: &Replica,
-    consensus: &BTreeMap<String, String>,
-    guard: &MoveGuard,
-) -> Result<(BTreeMap<String, String>, Vec<String>), piehole_repo::RepoError> {
-    let local = repo.refs()?;
+fn stream_pack(
+    path: &Path,
+    wants: &[String],
+    haves: &[String],
+    tx: &mpsc::Sender<Result<pb::PackChunk, String>>,
+) -> Result<(), piehole_repo::RepoError> {
+    let repo = Replica::open(path)?;
+    let mut have = Vec::new();
     let mut missing = Vec::new();
-    let names: BTreeSet<&String> = consensus.keys().chain(local.keys()).collect();
-    for name in names {
-        let (want, have) = (consensus.get(name), local.get(name));
-        if want == have {
-            continue;
-        }
-        match want {
-            Some(w) if !repo.is_complete(w)? => missing.push(name.clone()),
-            _ if guard.may_move(name, want) => set_local(repo, name, have, want),
-            _ => {}
+    for w in wants {
+        if repo.is_complete(w)? {
+            have.push(w.clone());
+        } else {
+            missing.push(w.clone());
         }
     }
-    Ok((local, missing))
-}
-
-/// After a pack arrived: moves the refs it was for. True if all now match.
-fn move_refs(
-    repo: &Replica,
-    consensus: &BTreeMap<String, String>,
-    local: &BTreeMap<String, String>,
-    missing: &[String],
-    guard: &MoveGuard,
-) -> Result<bool, piehole_repo::RepoError> {
-    let mut all = true;
-    for name in missing {
-        let want = &consensus[name];
-        if !repo.is_complete(want)? {
-            all = false;
-        } else if guard.may_move(name, Some(want)) {
-            set_local(repo, name, local.get(name), Some(want));
+    let first = pb::PackChunk {
+        data: Vec::new(),
+        missing,
+    };
+    if tx.blocking_send(Ok(first)).is_err() || have.is_empty() {
+        return Ok(());
+    }
+    let mut buf = Vec::with_capacity(PACK_CHUNK_BYTES);
+    let send = |data: Vec<u8>| {
+        tx.blocking_send(Ok(pb::PackChunk {
+            data,
+            missing: Vec::new(),
+        }))
+        .is_ok()
+    };
+    let mut open = true;
+    repo.write_pack(&have, haves, |piece| {
+        buf.extend_from_slice(piece);
+        if buf.len() >= PACK_CHUNK_BYTES {
+            open = send(std::mem::take(&mut buf));
         }
+        open
+    })?;
+    if !buf.is_empty() {
+        send(buf);
     }
-    Ok(all)
-}
-
-/// A local CAS; losing the race to a concurrent push is fine — the next pass
-/// looks again.
-fn set_local(repo: &Replica, name: &str, have: Option<&String>, want: Option<&String>) {
-    let result = repo.set_ref(
-        name,
-        have.map(|s| s.as_str()),
-        want.map(|s| s.as_str()),
-        "piehole: replicate",
-    );
-    if let Err(e) = result {
-        tracing::debug!(ref_name = name, error = %e, "local ref not moved");
-    }
+    Ok(())
 }

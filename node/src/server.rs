@@ -15,7 +15,11 @@ use crate::api::peer::{PeerGate, PeerService};
 use crate::config::NodeConfig;
 use crate::consensus::raft::RaftConsensus;
 use crate::consensus::Consensus;
+use crate::disk::Disk;
+use crate::durability::ObjectQuorum;
+use crate::local_refs::LocalRefs;
 use crate::peer_client::PeerAuth;
+use crate::push::Pushes;
 use crate::replicator::Replicator;
 use crate::state::StateMachine;
 
@@ -24,21 +28,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o750))
         .with_context(|| format!("data dir {} is not usable", config.data_dir.display()))?;
-    let db = sled::Config::new()
-        .path(config.data_dir.join("db"))
-        .open()
-        .map_err(|e| match e {
-            sled::Error::Io(io)
-                if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.to_string().contains("lock") =>
-            {
-                anyhow!(
-                    "data dir {} is in use by another piehole node",
-                    config.data_dir.display()
-                )
-            }
-            e => anyhow!("cannot open data dir {}: {e}", config.data_dir.display()),
-        })?;
+    let disk = Arc::new(Disk::open(&config.data_dir.join("db"))?);
 
     // Bind both sockets before starting consensus, so a port in use is a clean error.
     let tcp = TcpListener::bind(config.listen)
@@ -50,21 +40,35 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot bind {}", sock_path.display()))?;
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o660))?;
 
-    let state = Arc::new(StateMachine::open(&db)?);
+    let state = Arc::new(StateMachine::open(disk.db())?);
     let auth = PeerAuth {
         from: config.id,
         secret: config.cluster_secret.as_deref().map(Arc::from),
     };
-    let started = RaftConsensus::start(&config, db, state, auth.clone())?;
+    let started = RaftConsensus::start(&config, disk, state, auth.clone())?;
     let (inbox, driver) = (started.inbox, started.driver);
     let consensus: Arc<dyn Consensus> = started.consensus;
+    let local_refs = LocalRefs::new(consensus.clone());
     let replicator = Replicator::new(
         consensus.clone(),
+        local_refs.clone(),
         config.peers.clone(),
         auth.clone(),
         config.reconcile_interval,
     );
     tokio::spawn(replicator.clone().run());
+    let pushes = Arc::new(Pushes {
+        consensus: consensus.clone(),
+        local_refs,
+        replicator: replicator.clone(),
+        quorum: ObjectQuorum {
+            level: config.durability,
+            consensus: consensus.clone(),
+            peers: config.peers.clone(),
+            auth: auth.clone(),
+            timeout: config.request_timeout,
+        },
+    });
 
     let gate = PeerGate {
         secret: auth.secret.clone(),
@@ -83,8 +87,11 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let local = LocalServer::new(LocalService {
         consensus,
         replicator,
+        pushes,
         peers: config.peers.clone(),
         auth,
+        request_timeout: config.request_timeout,
+        durability: config.durability,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let peer_task = tokio::spawn(

@@ -4,9 +4,11 @@
 //!
 //! Each applied command is written in one sled batch together with the
 //! applied index, so after a crash the state and the index that describes it
-//! never disagree.
+//! never disagree. Reads that span several keys (a group, a snapshot) take a
+//! read lock that `apply` excludes, so they never see half a command.
 
 use std::collections::BTreeMap;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use piehole_protocol::pb::{self, command::Op};
 use prost::Message as _;
@@ -21,9 +23,10 @@ const REPLICA: u8 = b'p';
 const DEDUP: u8 = b'd';
 /// applied index -> DEDUP key, to forget in log order
 const DEDUP_BY_INDEX: u8 = b'x';
-/// How many log entries a request is remembered for. A proposal is offered
-/// again within seconds, so any copy lands far inside this window.
-const DEDUP_WINDOW: u64 = 10_000;
+/// How many log entries a request is remembered for. A copy of a proposal
+/// applied later than this after the proposal was made is refused instead
+/// (see `Command.proposed_after`), so no copy can ever apply twice.
+pub const DEDUP_WINDOW: u64 = 10_000;
 
 fn dedup_key(origin: u64, request: u64) -> Vec<u8> {
     let mut k = vec![DEDUP, 0];
@@ -46,10 +49,15 @@ fn insert_seen(batch: &mut sled::Batch, seen: &pb::AppliedRequest) {
 
 fn outcome_to(o: &Outcome) -> pb::StoredOutcome {
     match o {
-        Outcome::Cas { applied, current } => pb::StoredOutcome {
-            cas: true,
-            applied: *applied,
-            current: current.clone().unwrap_or_default(),
+        Outcome::Push(refs) => pb::StoredOutcome {
+            push: true,
+            refs: refs
+                .iter()
+                .map(|r| pb::RefOutcome {
+                    applied: r.applied,
+                    current: r.current.clone().unwrap_or_default(),
+                })
+                .collect(),
             refused: String::new(),
         },
         Outcome::Done => pb::StoredOutcome::default(),
@@ -61,11 +69,16 @@ fn outcome_to(o: &Outcome) -> pb::StoredOutcome {
 }
 
 fn outcome_from(o: pb::StoredOutcome) -> Outcome {
-    if o.cas {
-        Outcome::Cas {
-            applied: o.applied,
-            current: (!o.current.is_empty()).then_some(o.current),
-        }
+    if o.push {
+        Outcome::Push(
+            o.refs
+                .into_iter()
+                .map(|r| RefOutcome {
+                    applied: r.applied,
+                    current: (!r.current.is_empty()).then_some(r.current),
+                })
+                .collect(),
+        )
     } else if !o.refused.is_empty() {
         Outcome::Refused(o.refused)
     } else {
@@ -73,13 +86,19 @@ fn outcome_from(o: pb::StoredOutcome) -> Outcome {
     }
 }
 
+/// What one ref's compare-and-swap did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefOutcome {
+    pub applied: bool,
+    /// The value after the operation; the winner's when not applied.
+    pub current: Option<String>,
+}
+
 /// What a command did, handed back to whoever proposed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Cas {
-        applied: bool,
-        current: Option<String>,
-    },
+    /// One per update of the push, in order.
+    Push(Vec<RefOutcome>),
     Done,
     Refused(String),
 }
@@ -100,6 +119,9 @@ pub struct GroupView {
 
 pub struct StateMachine {
     tree: sled::Tree,
+    /// Held for writing while a command is applied, for reading by every
+    /// read of more than one key.
+    consistent: RwLock<()>,
     /// Names of groups whose refs or replicas changed; the replicator listens.
     changes: broadcast::Sender<String>,
 }
@@ -123,8 +145,17 @@ impl StateMachine {
         let (changes, _) = broadcast::channel(1024);
         Ok(StateMachine {
             tree: db.open_tree("state")?,
+            consistent: RwLock::new(()),
             changes,
         })
+    }
+
+    fn reading(&self) -> RwLockReadGuard<'_, ()> {
+        self.consistent.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn writing(&self) -> RwLockWriteGuard<'_, ()> {
+        self.consistent.write().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<String> {
@@ -143,23 +174,33 @@ impl StateMachine {
     /// Records that `index` was applied without changing anything (empty
     /// entries a new leader appends, configuration entries).
     pub fn skip(&self, index: u64) -> anyhow::Result<()> {
+        let _w = self.writing();
         self.tree.insert(APPLIED, &index.to_be_bytes())?;
         Ok(())
     }
 
     /// Applies one committed command at log position `index`.
     pub fn apply(&self, index: u64, cmd: &pb::Command) -> anyhow::Result<Outcome> {
+        let _w = self.writing();
         let mut batch = sled::Batch::default();
         batch.insert(APPLIED, &index.to_be_bytes());
         let mutates = !matches!(cmd.op, Some(Op::Read(_)) | None);
-        let dedup_key = dedup_key(cmd.origin_node, cmd.request_id);
         if mutates {
-            if let Some(seen) = self.tree.get(&dedup_key)? {
+            self.forget_before(&mut batch, index)?;
+            if let Some(seen) = self.tree.get(dedup_key(cmd.origin_node, cmd.request_id))? {
                 // A second copy of a proposal already applied: answer as the
                 // first time, change nothing (it could undo later updates).
                 self.tree.apply_batch(batch)?;
                 let seen = pb::AppliedRequest::decode(seen.as_ref())?;
                 return Ok(outcome_from(seen.outcome.unwrap_or_default()));
+            }
+            if index.saturating_sub(cmd.proposed_after) > DEDUP_WINDOW {
+                // An earlier copy may have applied and been forgotten.
+                self.tree.apply_batch(batch)?;
+                return Ok(Outcome::Refused(
+                    "the update came back too late to be applied safely; nothing was changed"
+                        .into(),
+                ));
             }
         }
         let (outcome, changed) = match &cmd.op {
@@ -171,9 +212,9 @@ impl StateMachine {
                 );
                 (Outcome::Done, Some(&r.group))
             }
-            Some(Op::Cas(c)) => {
-                let outcome = self.cas(&mut batch, c)?;
-                (outcome, Some(&c.group))
+            Some(Op::Push(p)) => {
+                let outcome = self.push(&mut batch, p)?;
+                (outcome, Some(&p.group))
             }
             Some(Op::Clobber(c)) => {
                 batch.insert(group_prefix(GROUP, &c.group), b"");
@@ -192,13 +233,15 @@ impl StateMachine {
             None => (Outcome::Refused("empty command".into()), None),
         };
         if mutates {
-            let seen = pb::AppliedRequest {
-                origin_node: cmd.origin_node,
-                request_id: cmd.request_id,
-                index,
-                outcome: Some(outcome_to(&outcome)),
-            };
-            self.remember(&mut batch, &seen)?;
+            insert_seen(
+                &mut batch,
+                &pb::AppliedRequest {
+                    origin_node: cmd.origin_node,
+                    request_id: cmd.request_id,
+                    index,
+                    outcome: Some(outcome_to(&outcome)),
+                },
+            );
         }
         self.tree.apply_batch(batch)?;
         if let Some(group) = changed {
@@ -208,52 +251,81 @@ impl StateMachine {
         Ok(outcome)
     }
 
-    /// Records an applied request and forgets the one applied DEDUP_WINDOW
-    /// entries ago, so the table stays small and every node forgets the same.
-    fn remember(&self, batch: &mut sled::Batch, seen: &pb::AppliedRequest) -> anyhow::Result<()> {
-        insert_seen(batch, seen);
-        if let Some(old_index) = seen.index.checked_sub(DEDUP_WINDOW) {
-            if let Some(old) = self.tree.get(dedup_index_key(old_index))? {
-                batch.remove(old.to_vec());
-                batch.remove(dedup_index_key(old_index));
-            }
+    /// Forgets every request applied more than DEDUP_WINDOW entries before
+    /// `index`, so the table stays bounded and every node forgets the same.
+    fn forget_before(&self, batch: &mut sled::Batch, index: u64) -> anyhow::Result<()> {
+        let Some(horizon) = index.checked_sub(DEDUP_WINDOW) else {
+            return Ok(());
+        };
+        let old = self
+            .tree
+            .range(dedup_index_key(0)..dedup_index_key(horizon));
+        for kv in old {
+            let (k, request) = kv?;
+            batch.remove(request);
+            batch.remove(k);
         }
         Ok(())
     }
 
-    /// The compare-and-swap rule: equal to `new` already is success (a
-    /// retried or replayed CAS), equal to `expected` moves it, anything else
-    /// fails and reports the current value.
-    fn cas(&self, batch: &mut sled::Batch, c: &pb::CasOp) -> anyhow::Result<Outcome> {
-        let k = key(REF, &c.group, c.ref_name.as_bytes());
-        let current = self.tree.get(&k)?.map(|b| decode_ref(&b).value);
-        let current_or_empty = current.clone().unwrap_or_default();
-        if current_or_empty == c.new {
-            return Ok(Outcome::Cas {
-                applied: true,
-                current,
-            });
+    /// The compare-and-swap rule, per ref: equal to `new` already is success
+    /// (a retried or replayed update), equal to `expected` moves it,
+    /// anything else fails and reports the current value. Atomic: all move
+    /// or none does.
+    fn push(&self, batch: &mut sled::Batch, p: &pb::PushOp) -> anyhow::Result<Outcome> {
+        let mut outcomes = Vec::with_capacity(p.updates.len());
+        let mut moves = Vec::new();
+        for u in &p.updates {
+            let k = key(REF, &p.group, u.ref_name.as_bytes());
+            let current = self.tree.get(&k)?.map(|b| decode_ref(&b).value);
+            let current_or_empty = current.as_deref().unwrap_or_default();
+            if current_or_empty == u.new {
+                outcomes.push(RefOutcome {
+                    applied: true,
+                    current,
+                });
+            } else if current_or_empty == u.expected {
+                moves.push((k, u));
+                outcomes.push(RefOutcome {
+                    applied: true,
+                    current: (!u.new.is_empty()).then(|| u.new.clone()),
+                });
+            } else {
+                outcomes.push(RefOutcome {
+                    applied: false,
+                    current,
+                });
+            }
         }
-        if current_or_empty != c.expected {
-            return Ok(Outcome::Cas {
-                applied: false,
-                current,
-            });
+        if p.atomic && outcomes.iter().any(|o| !o.applied) {
+            // Nothing moves; report every ref's present value.
+            for (o, u) in outcomes.iter_mut().zip(&p.updates) {
+                if o.applied {
+                    o.applied = false;
+                    o.current = self.ref_value_unlocked(&p.group, &u.ref_name);
+                }
+            }
+            return Ok(Outcome::Push(outcomes));
         }
-        batch.insert(group_prefix(GROUP, &c.group), b"");
-        if c.new.is_empty() {
-            batch.remove(k);
-        } else {
-            batch.insert(k, encode_ref(&c.new, c.proposer));
+        if !moves.is_empty() {
+            batch.insert(group_prefix(GROUP, &p.group), b"");
         }
-        let new = (!c.new.is_empty()).then(|| c.new.clone());
-        Ok(Outcome::Cas {
-            applied: true,
-            current: new,
-        })
+        for (k, u) in moves {
+            if u.new.is_empty() {
+                batch.remove(k);
+            } else {
+                batch.insert(k, encode_ref(&u.new, p.proposer));
+            }
+        }
+        Ok(Outcome::Push(outcomes))
     }
 
     pub fn groups(&self) -> Vec<String> {
+        let _r = self.reading();
+        self.groups_unlocked()
+    }
+
+    fn groups_unlocked(&self) -> Vec<String> {
         self.tree
             .scan_prefix([GROUP, 0])
             .keys()
@@ -269,8 +341,17 @@ impl StateMachine {
         Some(outcome_from(seen.outcome.unwrap_or_default()))
     }
 
+    /// How many requests the dedup memory holds (bounded by DEDUP_WINDOW).
+    pub fn remembered(&self) -> usize {
+        self.tree.scan_prefix([DEDUP, 0]).count()
+    }
+
     /// One consensus ref's value, as applied here.
     pub fn ref_value(&self, group: &str, ref_name: &str) -> Option<String> {
+        self.ref_value_unlocked(group, ref_name)
+    }
+
+    fn ref_value_unlocked(&self, group: &str, ref_name: &str) -> Option<String> {
         let v = self.tree.get(key(REF, group, ref_name.as_bytes())).ok()??;
         Some(decode_ref(&v).value)
     }
@@ -278,6 +359,7 @@ impl StateMachine {
     /// Every (group, path) that `node_id` hosts, without reading any refs:
     /// this runs on every hook call.
     pub fn hosted_by(&self, node_id: u64) -> BTreeMap<String, String> {
+        let _r = self.reading();
         let mut out = BTreeMap::new();
         for (k, v) in self.tree.scan_prefix([REPLICA, 0]).filter_map(|kv| kv.ok()) {
             // key: 'p' 0 group 0 node_id(8)
@@ -290,7 +372,13 @@ impl StateMachine {
         out
     }
 
+    /// A group's refs and replicas, as of one applied index.
     pub fn group(&self, group: &str) -> anyhow::Result<GroupView> {
+        let _r = self.reading();
+        self.group_unlocked(group)
+    }
+
+    fn group_unlocked(&self, group: &str) -> anyhow::Result<GroupView> {
         let mut view = GroupView::default();
         let prefix = group_prefix(REF, group);
         for kv in self.tree.scan_prefix(&prefix) {
@@ -310,6 +398,7 @@ impl StateMachine {
 
     /// Number of groups and of consensus refs, for status.
     pub fn counts(&self) -> (u64, u64) {
+        let _r = self.reading();
         let groups = self.tree.scan_prefix([GROUP, 0]).count() as u64;
         let refs = self.tree.scan_prefix([REF, 0]).count() as u64;
         (groups, refs)
@@ -322,10 +411,11 @@ impl StateMachine {
 
     /// The whole state and the index it reflects, for a Raft snapshot.
     pub fn snapshot(&self) -> anyhow::Result<(u64, Vec<u8>)> {
+        let _r = self.reading();
         let applied = self.applied();
         let mut snap = pb::StateSnapshot::default();
-        for name in self.groups() {
-            let view = self.group(&name)?;
+        for name in self.groups_unlocked() {
+            let view = self.group_unlocked(&name)?;
             snap.groups.push(pb::GroupState {
                 name,
                 replicas: view
@@ -358,6 +448,7 @@ impl StateMachine {
     /// the state and truncating the log it can finish the job.
     pub fn restore(&self, index: u64, data: &[u8], origin: &[u8]) -> anyhow::Result<()> {
         let snap = pb::StateSnapshot::decode(data)?;
+        let _w = self.writing();
         let mut batch = sled::Batch::default();
         for k in self.tree.iter().keys() {
             batch.remove(k?);
@@ -415,24 +506,47 @@ mod tests {
         (dir, sm)
     }
 
-    /// Each call is a distinct proposal (a fresh request id).
-    fn cas(group: &str, r: &str, expected: &str, new: &str) -> pb::Command {
+    fn next_request() -> u64 {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(100);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A push of `updates` (ref, expected, new), a distinct proposal each call.
+    fn push(group: &str, updates: &[(&str, &str, &str)], atomic: bool) -> pb::Command {
         pb::Command {
             origin_node: 1,
-            request_id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            op: Some(Op::Cas(pb::CasOp {
+            request_id: next_request(),
+            op: Some(Op::Push(pb::PushOp {
                 group: group.into(),
-                ref_name: r.into(),
-                expected: expected.into(),
-                new: new.into(),
+                updates: updates
+                    .iter()
+                    .map(|(r, e, n)| pb::RefCas {
+                        ref_name: r.to_string(),
+                        expected: e.to_string(),
+                        new: n.to_string(),
+                    })
+                    .collect(),
+                atomic,
                 proposer: 1,
             })),
+            proposed_after: 0,
         }
+    }
+
+    fn cas(group: &str, r: &str, expected: &str, new: &str) -> pb::Command {
+        push(group, &[(r, expected, new)], false)
+    }
+
+    fn one(applied: bool, current: Option<&str>) -> Outcome {
+        Outcome::Push(vec![RefOutcome {
+            applied,
+            current: current.map(String::from),
+        }])
     }
 
     const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const C: &str = "cccccccccccccccccccccccccccccccccccccccc";
 
     #[test]
     fn cas_create_move_conflict_delete_and_repeat() {
@@ -440,73 +554,92 @@ mod tests {
         let r = "refs/heads/main";
         assert_eq!(
             sm.apply(1, &cas("g", r, "", A)).unwrap(),
-            Outcome::Cas {
-                applied: true,
-                current: Some(A.into())
-            }
+            one(true, Some(A))
         );
-        assert_eq!(
-            sm.apply(2, &cas("g", r, A, B)).unwrap(),
-            Outcome::Cas {
-                applied: true,
-                current: Some(B.into())
-            }
-        );
+        assert_eq!(sm.apply(2, &cas("g", r, A, B)).unwrap(), one(true, Some(B)));
         // Conflict reports the winner and changes nothing.
         assert_eq!(
             sm.apply(3, &cas("g", r, A, A)).unwrap(),
-            Outcome::Cas {
-                applied: false,
-                current: Some(B.into())
-            }
+            one(false, Some(B))
         );
         // A repeated CAS whose target is already the value succeeds without change.
-        assert_eq!(
-            sm.apply(4, &cas("g", r, A, B)).unwrap(),
-            Outcome::Cas {
-                applied: true,
-                current: Some(B.into())
-            }
-        );
-        assert_eq!(
-            sm.apply(5, &cas("g", r, B, "")).unwrap(),
-            Outcome::Cas {
-                applied: true,
-                current: None
-            }
-        );
+        assert_eq!(sm.apply(4, &cas("g", r, A, B)).unwrap(), one(true, Some(B)));
+        assert_eq!(sm.apply(5, &cas("g", r, B, "")).unwrap(), one(true, None));
         assert!(sm.group("g").unwrap().refs.is_empty());
         assert_eq!(sm.applied(), 5);
+    }
+
+    #[test]
+    fn an_atomic_push_moves_every_ref_or_none() {
+        let (_d, sm) = sm();
+        let (x, y) = ("refs/heads/x", "refs/heads/y");
+        sm.apply(1, &cas("g", y, "", C)).unwrap();
+        // y expected absent but is C: nothing moves, and x reports its value.
+        let out = sm
+            .apply(2, &push("g", &[(x, "", A), (y, "", B)], true))
+            .unwrap();
+        assert_eq!(
+            out,
+            Outcome::Push(vec![
+                RefOutcome {
+                    applied: false,
+                    current: None
+                },
+                RefOutcome {
+                    applied: false,
+                    current: Some(C.into())
+                },
+            ])
+        );
+        assert_eq!(sm.ref_value("g", x), None);
+        // The same, not atomic: x moves alone.
+        let out = sm
+            .apply(3, &push("g", &[(x, "", A), (y, "", B)], false))
+            .unwrap();
+        assert_eq!(
+            out,
+            Outcome::Push(vec![
+                RefOutcome {
+                    applied: true,
+                    current: Some(A.into())
+                },
+                RefOutcome {
+                    applied: false,
+                    current: Some(C.into())
+                },
+            ])
+        );
+        // Atomic, all expectations right: both move in one entry.
+        let out = sm
+            .apply(4, &push("g", &[(x, A, B), (y, C, "")], true))
+            .unwrap();
+        assert_eq!(
+            out,
+            Outcome::Push(vec![
+                RefOutcome {
+                    applied: true,
+                    current: Some(B.into())
+                },
+                RefOutcome {
+                    applied: true,
+                    current: None
+                },
+            ])
+        );
+        assert_eq!(sm.ref_value("g", x).as_deref(), Some(B));
+        assert_eq!(sm.ref_value("g", y), None);
     }
 
     #[test]
     fn a_second_copy_of_a_proposal_changes_nothing() {
         let (_d, sm) = sm();
         let r = "refs/tags/t";
-        let create = cas("g", r, "", A); // origin 1, request 1
-        assert_eq!(
-            sm.apply(1, &create).unwrap(),
-            Outcome::Cas {
-                applied: true,
-                current: Some(A.into())
-            }
-        );
+        let create = cas("g", r, "", A);
+        assert_eq!(sm.apply(1, &create).unwrap(), one(true, Some(A)));
         let delete = cas("g", r, A, "");
-        assert_eq!(
-            sm.apply(2, &delete).unwrap(),
-            Outcome::Cas {
-                applied: true,
-                current: None
-            }
-        );
+        assert_eq!(sm.apply(2, &delete).unwrap(), one(true, None));
         // The create arrives again (offered twice): answered as before, not re-applied.
-        assert_eq!(
-            sm.apply(3, &create).unwrap(),
-            Outcome::Cas {
-                applied: true,
-                current: Some(A.into())
-            }
-        );
+        assert_eq!(sm.apply(3, &create).unwrap(), one(true, Some(A)));
         assert!(sm.group("g").unwrap().refs.is_empty());
         assert_eq!(sm.applied(), 3);
         // And the memory survives a snapshot.
@@ -515,14 +648,59 @@ mod tests {
         other.restore(idx, &data, b"").unwrap();
         other.apply(4, &create).unwrap();
         assert!(other.group("g").unwrap().refs.is_empty());
-        assert_eq!(
-            other.seen(1, create.request_id),
-            Some(Outcome::Cas {
-                applied: true,
-                current: Some(A.into())
-            })
-        );
+        assert_eq!(other.seen(1, create.request_id), Some(one(true, Some(A))));
         assert_eq!(other.seen(1, u64::MAX), None);
+    }
+
+    #[test]
+    fn the_dedup_memory_is_bounded_whatever_the_entries() {
+        let (_d, sm) = sm();
+        let read = |request_id| pb::Command {
+            origin_node: 2,
+            request_id,
+            op: Some(Op::Read(pb::ReadOp {})),
+            proposed_after: 0,
+        };
+        let mut index = 0;
+        for i in 0..3 * DEDUP_WINDOW {
+            index += 1;
+            let mut c = cas("g", "refs/heads/m", "", A);
+            c.proposed_after = index - 1;
+            sm.apply(index, &c).unwrap();
+            // Entries that remember nothing, and duplicates, must not stop forgetting.
+            if i % 3 == 0 {
+                index += 1;
+                sm.apply(index, &read(i)).unwrap();
+                index += 1;
+                sm.apply(index, &c).unwrap();
+                index += 1;
+                sm.skip(index).unwrap();
+            }
+        }
+        let remembered = sm.remembered() as u64;
+        assert!(
+            remembered <= DEDUP_WINDOW + 1,
+            "{remembered} requests remembered"
+        );
+    }
+
+    #[test]
+    fn a_copy_older_than_the_dedup_window_never_applies() {
+        let (_d, sm) = sm();
+        let r = "refs/heads/main";
+        let mut late = cas("g", r, "", A);
+        late.proposed_after = 5;
+        // Its first copy applied long ago and was forgotten; the group moved on.
+        let index = 5 + DEDUP_WINDOW + 1;
+        assert!(matches!(
+            sm.apply(index, &late).unwrap(),
+            Outcome::Refused(_)
+        ));
+        assert_eq!(sm.ref_value("g", r), None);
+        // Within the window it applies.
+        let mut fresh = cas("g", r, "", A);
+        fresh.proposed_after = index;
+        assert_eq!(sm.apply(index + 1, &fresh).unwrap(), one(true, Some(A)));
     }
 
     #[test]
@@ -538,6 +716,7 @@ mod tests {
                 node_id: 2,
                 path: "/srv/g.git".into(),
             })),
+            proposed_after: 0,
         };
         sm.apply(3, &reg).unwrap();
         let (idx, data) = sm.snapshot().unwrap();
@@ -566,6 +745,7 @@ mod tests {
                 }],
                 proposer: 3,
             })),
+            proposed_after: 0,
         };
         other.apply(4, &clobber).unwrap();
         let g = other.group("g").unwrap();

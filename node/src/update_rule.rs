@@ -1,167 +1,153 @@
-//! The update rule (SPEC §3), decided in the node so a hook costs one round
-//! trip. Git calls `update` once per ref; we answer accept or reject.
+//! The update rule (SPEC §3) for a whole push: every ref update of one
+//! `git push` is decided together, in one consensus step per round.
 //!
 //! 1. consensus == new: accept (replication of an agreed value, or a retry).
 //! 2. CAS(old -> new) succeeds: accept.
 //! 3. consensus moved to C, `new` descends from C and is here: CAS(C -> new).
-//! 4. otherwise reject with "pull and push again", after pulling this
-//!    replica towards C (locally if C is here, else by asking the replicator).
+//! 4. otherwise reject with "pull and push again" (the caller then pulls
+//!    this replica towards C).
 //!
-//! Rule 1 needs no separate read: the CAS in the state machine succeeds when
-//! the value already equals `new`.
+//! Rules 1 and 2 are one compare-and-swap: the state machine counts a ref
+//! already at `new` as success. Rule 3 costs a second round for the refs
+//! that need it. An atomic push moves every ref or none, in every round.
 
 use std::path::{Path, PathBuf};
 
 use piehole_repo::Replica;
 
-use crate::consensus::{Consensus, ConsensusError};
-use crate::replicator::Replicator;
+use crate::consensus::{Consensus, ConsensusError, RefUpdate};
 
-#[derive(Debug, PartialEq, Eq)]
-pub enum Decision {
+/// One ref of a push as git reported it. `None` is "absent".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proposed {
+    pub ref_name: String,
+    pub old: Option<String>,
+    pub new: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
     Accept,
     Reject(String),
 }
 
-/// How many times rule 3 may chase a consensus value that keeps moving.
+/// How many times rule 3 may chase consensus values that keep moving.
 const MAX_ROUNDS: usize = 3;
 
+/// Rules 1-3 for every update of one push; one verdict per update, in order.
 pub async fn decide(
     consensus: &dyn Consensus,
-    replicator: &Replicator,
     group: &str,
     repo_path: &Path,
-    ref_name: &str,
-    old: Option<String>,
-    new: Option<String>,
-) -> Result<Decision, ConsensusError> {
-    // Git moves the local ref itself once we accept. Held from before the
-    // CAS, so the replicator reacting to the commit cannot move it first and
-    // make git's own update fail.
-    replicator.hold(group, ref_name);
-    let verdict = decide_held(consensus, group, repo_path, ref_name, old.clone(), new).await;
-    match verdict {
-        Ok(None) => {
-            restore_expected(repo_path.to_path_buf(), ref_name.to_string(), old).await;
-            Ok(Decision::Accept)
-        }
-        Ok(Some(current)) => {
-            replicator.release(group, &[ref_name.to_string()]);
-            let path = repo_path.to_path_buf();
-            catch_up_locally(replicator, group, path, ref_name, old, current.clone()).await;
-            let agreed = match &current {
-                Some(c) => format!("the group has {}", &c[..c.len().min(12)]),
-                None => "the group has deleted it".to_string(),
-            };
-            Ok(Decision::Reject(format!(
-                "{ref_name}: this replica is catching up ({agreed}); pull and push again"
-            )))
-        }
-        Err(e) => {
-            replicator.release(group, &[ref_name.to_string()]);
-            Err(e)
-        }
-    }
-}
-
-/// git read `old` when the push began and moves the ref only if it still
-/// holds `old`. If the replicator caught this replica up in between (before
-/// the hold), git's update would fail although the group accepted the push;
-/// putting `old` back lets git's own update land a moment later.
-async fn restore_expected(path: PathBuf, ref_name: String, old: Option<String>) {
-    let result = blocking(move || {
-        let repo = Replica::open(&path)?;
-        let current = repo.ref_value(&ref_name)?;
-        if current != old {
-            tracing::debug!(
-                ref_name,
-                "restoring the value git expects before it moves the ref"
-            );
-            repo.set_ref(
-                &ref_name,
-                current.as_deref(),
-                old.as_deref(),
-                "piehole: make way for an accepted push",
-            )?;
-        }
-        Ok(())
-    })
-    .await;
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "could not restore the ref value git expects");
-    }
-}
-
-/// Rules 1-3. `None`: accepted. `Some(current)`: rejected, the group has
-/// `current`.
-async fn decide_held(
-    consensus: &dyn Consensus,
-    group: &str,
-    repo_path: &Path,
-    ref_name: &str,
-    old: Option<String>,
-    new: Option<String>,
-) -> Result<Option<Option<String>>, ConsensusError> {
-    let mut expected = old;
-    let mut current = None;
+    updates: &[Proposed],
+    atomic: bool,
+) -> Result<Vec<Verdict>, ConsensusError> {
+    let mut expected: Vec<Option<String>> = updates.iter().map(|u| u.old.clone()).collect();
+    let mut verdicts: Vec<Option<Verdict>> = vec![None; updates.len()];
+    let mut group_has: Vec<Option<String>> = vec![None; updates.len()];
     for _ in 0..MAX_ROUNDS {
-        let r = consensus
-            .cas(group, ref_name, expected.as_deref(), new.as_deref())
-            .await?;
-        if r.applied {
-            return Ok(None);
-        }
-        current = r.current;
-        let (Some(n), Some(c)) = (new.clone(), current.clone()) else {
-            break;
-        };
-        let path = repo_path.to_path_buf();
-        let c2 = c.clone();
-        let descends = blocking(move || Ok(Replica::open(&path)?.is_descendant(&n, &c2)))
-            .await
-            .unwrap_or(false);
-        if !descends {
+        let pending: Vec<usize> = (0..updates.len())
+            .filter(|&i| verdicts[i].is_none())
+            .collect();
+        if pending.is_empty() {
             break;
         }
-        expected = Some(c);
-    }
-    Ok(Some(current))
-}
-
-/// Rule 4's courtesy: make the next push from this user more likely to work.
-async fn catch_up_locally(
-    replicator: &Replicator,
-    group: &str,
-    path: PathBuf,
-    ref_name: &str,
-    local: Option<String>,
-    target: Option<String>,
-) {
-    // Another push of this ref is in flight here: leave the ref to it.
-    if replicator.is_held(group, ref_name) {
-        return;
-    }
-    let name = ref_name.to_string();
-    let moved = blocking(move || {
-        let repo = Replica::open(&path)?;
-        if let Some(t) = &target {
-            if !repo.is_complete(t)? {
-                return Ok(false);
+        let batch = pending
+            .iter()
+            .map(|&i| RefUpdate {
+                ref_name: updates[i].ref_name.clone(),
+                expected: expected[i].clone(),
+                new: updates[i].new.clone(),
+            })
+            .collect();
+        let outcomes = consensus.update_refs(group, batch, atomic).await?;
+        // Refs the group has moved past what we expected: rule 3 candidates.
+        let mut moved = Vec::new();
+        for (&i, out) in pending.iter().zip(outcomes) {
+            if out.applied {
+                verdicts[i] = Some(Verdict::Accept);
+            } else if out.current != expected[i] {
+                group_has[i] = out.current.clone();
+                moved.push((i, out.current));
+            }
+            // else: an atomic round that failed on another ref; try again.
+        }
+        let checks: Vec<(usize, Option<String>, Option<String>)> = moved
+            .into_iter()
+            .map(|(i, current)| (i, updates[i].new.clone(), current))
+            .collect();
+        for (i, current, descends) in descends_from(repo_path, checks).await {
+            if descends {
+                expected[i] = current;
+            } else {
+                verdicts[i] = Some(reject(&updates[i].ref_name, current.as_deref()));
             }
         }
-        repo.set_ref(
-            &name,
-            local.as_deref(),
-            target.as_deref(),
-            "piehole: catch up with the group",
-        )?;
-        Ok(true)
+        if atomic
+            && verdicts
+                .iter()
+                .any(|v| matches!(v, Some(Verdict::Reject(_))))
+        {
+            break;
+        }
+    }
+    let rejected_atomic = atomic && verdicts.iter().any(|v| !matches!(v, Some(Verdict::Accept)));
+    Ok(verdicts
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Some(Verdict::Accept) if !rejected_atomic => Verdict::Accept,
+            Some(Verdict::Reject(m)) => Verdict::Reject(m),
+            _ if rejected_atomic => Verdict::Reject(format!(
+                "{}: not changed, because another ref of this atomic push was refused",
+                updates[i].ref_name
+            )),
+            _ => reject(&updates[i].ref_name, group_has[i].as_deref()),
+        })
+        .collect())
+}
+
+/// Rule 4's message. The value is shown short, cut by characters so that no
+/// value can make it panic.
+pub fn reject(ref_name: &str, group_has: Option<&str>) -> Verdict {
+    let agreed = match group_has {
+        Some(c) => format!("the group has {}", c.chars().take(12).collect::<String>()),
+        None => "the group has deleted it".to_string(),
+    };
+    Verdict::Reject(format!(
+        "{ref_name}: this replica is catching up ({agreed}); pull and push again"
+    ))
+}
+
+/// For each (index, new, current): whether `new` descends from `current`
+/// with both here (rule 3). Deletions and absent values never do.
+async fn descends_from(
+    repo_path: &Path,
+    checks: Vec<(usize, Option<String>, Option<String>)>,
+) -> Vec<(usize, Option<String>, bool)> {
+    if checks.is_empty() {
+        return Vec::new();
+    }
+    let path = repo_path.to_path_buf();
+    let fallback: Vec<_> = checks
+        .iter()
+        .map(|(i, _, c)| (*i, c.clone(), false))
+        .collect();
+    blocking(move || {
+        let repo = Replica::open(&path)?;
+        Ok(checks
+            .into_iter()
+            .map(|(i, new, current)| {
+                let descends = match (&new, &current) {
+                    (Some(n), Some(c)) => repo.is_descendant(n, c),
+                    _ => false,
+                };
+                (i, current, descends)
+            })
+            .collect())
     })
     .await
-    .unwrap_or(false);
-    if !moved {
-        replicator.nudge(group);
-    }
+    .unwrap_or(fallback)
 }
 
 pub(crate) async fn blocking<T: Send + 'static>(

@@ -16,8 +16,22 @@ pub enum InvalidInput {
 /// git's all-zeros id, which git uses for "no such ref".
 pub const ZERO_ID: &str = "0000000000000000000000000000000000000000";
 
+/// Where piehole keeps tips it moved out of the way (a deleted or rewound
+/// ref, a repository's own branches at a forced install). Never replicated,
+/// never pushed to.
+pub const OWN_NAMESPACE: &str = "refs/piehole/";
+
+/// Whether piehole keeps a ref in agreement: everything under `refs/` except
+/// remote-tracking refs and piehole's own namespace.
+pub fn is_replicated(name: &str) -> bool {
+    name.starts_with("refs/")
+        && !name.starts_with("refs/remotes/")
+        && !name.starts_with(OWN_NAMESPACE)
+}
+
 /// Checks a ref name by git's `check-ref-format` rules, and that piehole
-/// replicates it: it must live under `refs/` but not `refs/remotes/`.
+/// replicates it: it must live under `refs/` but not `refs/remotes/` nor
+/// `refs/piehole/`.
 pub fn ref_name(name: &str) -> Result<(), InvalidInput> {
     let bad = |why| Err(InvalidInput::RefName(name.to_string(), why));
     if name.len() > 1024 {
@@ -28,6 +42,9 @@ pub fn ref_name(name: &str) -> Result<(), InvalidInput> {
     }
     if name.starts_with("refs/remotes/") {
         return bad("refs/remotes/ is not replicated");
+    }
+    if name.starts_with(OWN_NAMESPACE) {
+        return bad("refs/piehole/ is piehole's own namespace");
     }
     if name.ends_with('/') {
         return bad("must not end with /");
@@ -159,6 +176,7 @@ mod tests {
             "refs/heads/nul\0",
             "refs/heads/del\x7f",
             "refs/remotes/origin/main",
+            "refs/piehole/displaced/refs/heads/main",
         ] {
             assert!(ref_name(bad).is_err(), "{bad:?} should be refused");
         }

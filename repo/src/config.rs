@@ -11,6 +11,9 @@ use crate::RepoError;
 pub struct PieholeConfig {
     pub group: Option<String>,
     pub node: Option<PathBuf>,
+    /// The node's request timeout as install found it; hooks wait this long
+    /// plus a margin.
+    pub request_timeout_ms: Option<u64>,
 }
 
 /// Reads piehole.group and piehole.node from `GIT_DIR/config` alone.
@@ -23,6 +26,7 @@ pub fn read(git_dir: &Path) -> Result<PieholeConfig, RepoError> {
     Ok(PieholeConfig {
         group: get(&config, "piehole.group")?,
         node: get(&config, "piehole.node")?.map(PathBuf::from),
+        request_timeout_ms: get(&config, "piehole.requestTimeoutMs")?.and_then(|v| v.parse().ok()),
     })
 }
 

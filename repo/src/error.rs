@@ -28,6 +28,9 @@ pub enum RepoError {
     #[error("hook {0} exists and is not piehole's (use --force to overwrite it)")]
     ForeignHook(String),
 
+    #[error("hook {0} is not piehole's and would stop running for the refs piehole's proc-receive hook handles (use --force to install anyway)")]
+    SilencedHook(String),
+
     #[error("bad pack: {0}")]
     BadPack(String),
 

@@ -1,4 +1,8 @@
-//! The `update` and `post-update` hooks: thin shims that exec `piehole hook`.
+//! The hooks piehole installs: thin shims that exec `piehole hook`.
+//!
+//! With git 2.29 or newer, one `proc-receive` hook handles every ref of a
+//! push (`receive.procReceiveRefs = refs/`), and the node moves the refs
+//! itself. Older git gets the `update` and `post-update` pair instead.
 
 use std::fs;
 use std::io::{ErrorKind, Write};
@@ -14,10 +18,52 @@ use crate::RepoError;
 /// Marker line present in every hook piehole writes; a hook containing it is "ours".
 pub const MARKER: &str = "# piehole-managed hook";
 
-/// The hooks piehole owns, in the order they are written and reported.
-const HOOKS: [&str; 2] = ["update", "post-update"];
+/// The value of receive.procReceiveRefs that hands every ref to the hook.
+const PROC_RECEIVE_REFS: &str = "refs/";
+/// Pushes may not touch piehole's own namespace; git refuses them itself.
+const HIDDEN_FROM_PUSHES: &str = "refs/piehole/";
 
 const MODE: u32 = 0o755;
+
+/// Which hooks a repository gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HookKind {
+    /// git 2.29+: one process per push.
+    #[default]
+    ProcReceive,
+    /// Older git: `update` per ref, then `post-update`.
+    Update,
+}
+
+impl HookKind {
+    /// The hooks piehole writes for this kind, in the order they are written.
+    fn hooks(self) -> &'static [&'static str] {
+        match self {
+            HookKind::ProcReceive => &["proc-receive"],
+            HookKind::Update => &["update", "post-update"],
+        }
+    }
+
+    /// Hooks that would stop running for piehole's refs: a foreign `update`
+    /// hook is skipped for refs a proc-receive hook handles.
+    fn silenced(self) -> &'static [&'static str] {
+        match self {
+            HookKind::ProcReceive => &["update"],
+            HookKind::Update => &[],
+        }
+    }
+
+    /// The kind for a git version ("2.39.5"): proc-receive needs 2.29.
+    pub fn for_git_version(version: &str) -> HookKind {
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if (major, minor) >= (2, 29) {
+            HookKind::ProcReceive
+        } else {
+            HookKind::Update
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstallOptions {
@@ -25,11 +71,16 @@ pub struct InstallOptions {
     pub node_socket: PathBuf,
     pub piehole_exe: PathBuf,
     pub force: bool,
+    pub kind: HookKind,
+    /// The node's request timeout, recorded for the hooks' deadline.
+    pub request_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InstallReport {
     pub hooks_written: Vec<String>,
+    /// piehole's own hooks of the other kind, removed.
+    pub hooks_removed: Vec<String>,
     /// Nothing had to change: hooks and config were already as asked.
     pub already_installed: bool,
 }
@@ -53,22 +104,35 @@ pub fn install(repo_path: &Path, opts: &InstallOptions) -> Result<InstallReport,
     let dir = hooks_dir(&repo);
 
     let mut pending = Vec::new();
-    for name in HOOKS {
+    for &name in opts.kind.hooks() {
         let path = dir.join(name);
         let wanted = script(&exe, name);
-        match fs::read(&path) {
-            Ok(current) => {
-                if !is_ours(&current) && !opts.force {
-                    return Err(RepoError::ForeignHook(name.to_string()));
-                }
-                if current == wanted && mode(&path)? == MODE {
-                    continue;
-                }
+        if let Some(current) = read_hook(&path)? {
+            if !is_ours(&current) && !opts.force {
+                return Err(RepoError::ForeignHook(name.to_string()));
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(RepoError::io(path, e)),
+            if current == wanted && mode(&path)? == MODE {
+                continue;
+            }
         }
         pending.push((name, wanted));
+    }
+    for &name in opts.kind.silenced() {
+        if let Some(current) = read_hook(&dir.join(name))? {
+            if !is_ours(&current) && !opts.force {
+                return Err(RepoError::SilencedHook(name.to_string()));
+            }
+        }
+    }
+    // piehole's hooks of the other kind would run too, or fail the push.
+    let mut stale = Vec::new();
+    for name in ["proc-receive", "update", "post-update"] {
+        if opts.kind.hooks().contains(&name) {
+            continue;
+        }
+        if read_hook(&dir.join(name))?.is_some_and(|c| is_ours(&c)) {
+            stale.push(name);
+        }
     }
 
     fs::create_dir_all(&dir).map_err(|e| RepoError::io(&dir, e))?;
@@ -78,11 +142,26 @@ pub fn install(repo_path: &Path, opts: &InstallOptions) -> Result<InstallReport,
         tracing::info!(hook = name, repo = %repo_path.display(), "hook written");
         hooks_written.push(name.to_string());
     }
-    let config_changed = write_config(&repo, &opts.group, node)?;
+    let mut hooks_removed = Vec::new();
+    for name in stale {
+        let path = dir.join(name);
+        fs::remove_file(&path).map_err(|e| RepoError::io(&path, e))?;
+        hooks_removed.push(name.to_string());
+    }
+    let config_changed = write_config(&repo, opts, node)?;
     Ok(InstallReport {
-        already_installed: hooks_written.is_empty() && !config_changed,
+        already_installed: hooks_written.is_empty() && hooks_removed.is_empty() && !config_changed,
         hooks_written,
+        hooks_removed,
     })
+}
+
+fn read_hook(path: &Path) -> Result<Option<Vec<u8>>, RepoError> {
+    match fs::read(path) {
+        Ok(c) => Ok(Some(c)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(RepoError::io(path, e)),
+    }
 }
 
 /// Problems with the repository's local setup, one human-readable line each.
@@ -93,25 +172,38 @@ pub fn local_problems(repo_path: &Path) -> Result<Vec<String>, RepoError> {
     if !repo.is_bare() {
         problems.push("repository is not bare".to_string());
     }
+    let config = repo.config()?;
     let dir = hooks_dir(&repo);
-    for name in HOOKS {
+    // The update-hook install is recognised by its hook; anything else is
+    // judged as the default kind.
+    let legacy =
+        !proc_receive_on(&config) && read_hook(&dir.join("update"))?.is_some_and(|c| is_ours(&c));
+    let kind = if legacy {
+        HookKind::Update
+    } else {
+        HookKind::ProcReceive
+    };
+    if kind == HookKind::ProcReceive && !proc_receive_on(&config) {
+        problems.push(format!(
+            "receive.procReceiveRefs is not {PROC_RECEIVE_REFS}, so git does not run the proc-receive hook"
+        ));
+    }
+    for &name in kind.hooks() {
         let path = dir.join(name);
-        match fs::read(&path) {
-            Err(e) if e.kind() == ErrorKind::NotFound => {
+        match read_hook(&path)? {
+            None => {
                 problems.push(format!("hook {name} is missing"));
                 continue;
             }
-            Err(e) => return Err(RepoError::io(path, e)),
-            Ok(content) if !is_ours(&content) => {
+            Some(content) if !is_ours(&content) => {
                 problems.push(format!("hook {name} is not piehole's"));
             }
-            Ok(_) => {}
+            Some(_) => {}
         }
         if mode(&path)? & 0o111 == 0 {
             problems.push(format!("hook {name} is not executable"));
         }
     }
-    let config = repo.config()?;
     if !reflog_on(&config) {
         problems.push("reflog is off (core.logAllRefUpdates)".to_string());
     }
@@ -123,6 +215,25 @@ pub fn local_problems(repo_path: &Path) -> Result<Vec<String>, RepoError> {
         ));
     }
     Ok(problems)
+}
+
+/// Whether receive.procReceiveRefs hands every ref to the proc-receive hook.
+fn proc_receive_on(config: &Config) -> bool {
+    multivar(config, "receive.procReceiveRefs")
+        .iter()
+        .any(|v| v == PROC_RECEIVE_REFS)
+}
+
+fn multivar(config: &Config, key: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(mut entries) = config.multivar(key, None) {
+        while let Some(Ok(e)) = entries.next() {
+            if let Some(v) = e.value() {
+                out.push(v.to_string());
+            }
+        }
+    }
+    out
 }
 
 fn hooks_dir(repo: &Repository) -> PathBuf {
@@ -186,21 +297,49 @@ fn write_hook(dir: &Path, name: &str, content: &[u8]) -> Result<(), RepoError> {
 }
 
 /// Returns whether anything had to change.
-fn write_config(repo: &Repository, group: &str, node: &str) -> Result<bool, RepoError> {
+fn write_config(repo: &Repository, opts: &InstallOptions, node: &str) -> Result<bool, RepoError> {
     let mut local = repo.config()?.open_level(ConfigLevel::Local)?;
     let mut changed = false;
-    if !reflog_on(&local) {
-        local.set_bool("core.logAllRefUpdates", true)?;
+    // "always": tags and every other ref get a reflog too, so a tip the
+    // replicator moves is still reachable from it.
+    if local.get_string("core.logAllRefUpdates").ok().as_deref() != Some("always") {
+        local.set_str("core.logAllRefUpdates", "always")?;
         changed = true;
     }
-    // A push is acknowledged once its objects and ref are here: have git
+    // A push is acknowledged once its objects and refs are here: have git
     // (2.36+; older versions ignore the key) fsync them first. An operator's
     // own choice is left alone.
     if local.get_string("core.fsync").is_err() {
         local.set_str("core.fsync", "committed")?;
         changed = true;
     }
-    for (key, value) in [("piehole.group", group), ("piehole.node", node)] {
+    let proc_receive = proc_receive_on(&local);
+    match opts.kind {
+        HookKind::ProcReceive if !proc_receive => {
+            local.set_multivar("receive.procReceiveRefs", "^$", PROC_RECEIVE_REFS)?;
+            changed = true;
+        }
+        HookKind::Update if proc_receive => {
+            local.remove_multivar("receive.procReceiveRefs", "^refs/$")?;
+            changed = true;
+        }
+        _ => {}
+    }
+    if !multivar(&local, "receive.hideRefs")
+        .iter()
+        .any(|v| v == HIDDEN_FROM_PUSHES)
+    {
+        local.set_multivar("receive.hideRefs", "^$", HIDDEN_FROM_PUSHES)?;
+        changed = true;
+    }
+    let timeout = opts.request_timeout_ms.map(|t| t.to_string());
+    let mut keys = vec![
+        ("piehole.group", Some(opts.group.as_str())),
+        ("piehole.node", Some(node)),
+    ];
+    keys.push(("piehole.requestTimeoutMs", timeout.as_deref()));
+    for (key, value) in keys {
+        let Some(value) = value else { continue };
         if local.get_string(key).ok().as_deref() != Some(value) {
             local.set_str(key, value)?;
             changed = true;

@@ -10,6 +10,9 @@
 //!   travel between nodes.
 //! - [`hooks`]: writing and checking the `update` / `post-update` shims.
 //! - [`config`]: the cheap read of `piehole.*` keys done by every hook run.
+//! - `durable`: libgit2's fsync, on for every process that writes here.
+//! - `locks`: stale ref lock files a killed process left behind.
+//! - `maintenance`: `git gc --auto` for replicas that only receive packs.
 //! - [`error`] holds [`RepoError`].
 //!
 //! Conventions: object ids cross this API as 40-char lowercase hex strings and
@@ -21,6 +24,9 @@ pub mod hooks;
 pub mod replica;
 
 mod complete;
+mod durable;
+mod locks;
+mod maintenance;
 mod pack;
 
 pub use error::RepoError;

@@ -1,10 +1,8 @@
 //! Packs: how objects travel between nodes.
 
-use std::fs::File;
 use std::io::Write;
-use std::path::Path;
 
-use git2::{Buf, ObjectType, Oid, PackBuilder, Revwalk};
+use git2::{ObjectType, Oid, PackBuilder, Revwalk};
 
 use crate::replica::parse_id;
 use crate::{Replica, RepoError};
@@ -17,6 +15,23 @@ impl Replica {
     /// reachable from those `haves` this repository knows (unknown haves are
     /// ignored). Wants may be commits, annotated tags, trees or blobs.
     pub fn build_pack(&self, wants: &[String], haves: &[String]) -> Result<Vec<u8>, RepoError> {
+        let mut pack = Vec::new();
+        self.write_pack(wants, haves, |chunk| {
+            pack.extend_from_slice(chunk);
+            true
+        })?;
+        Ok(pack)
+    }
+
+    /// Like [`Replica::build_pack`], handing the pack to `sink` piece by
+    /// piece as libgit2 writes it, so a large pack is never held whole.
+    /// `sink` returns false to stop early (the receiver went away).
+    pub fn write_pack(
+        &self,
+        wants: &[String],
+        haves: &[String],
+        mut sink: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), RepoError> {
         let mut builder = self.repo.packbuilder()?;
         let mut walk = self.repo.revwalk()?;
         for want in wants {
@@ -35,14 +50,18 @@ impl Replica {
         }
         // insert_walk also leaves out the trees and blobs of the hidden tips.
         builder.insert_walk(&mut walk)?;
-        let mut buf = Buf::new();
-        builder.write_buf(&mut buf)?;
-        tracing::debug!(
-            objects = builder.object_count(),
-            bytes = buf.len(),
-            "pack built"
-        );
-        Ok(buf.to_vec())
+        let objects = builder.object_count();
+        let mut stopped = false;
+        let result = builder.foreach(|chunk| {
+            stopped = !sink(chunk);
+            !stopped
+        });
+        match result {
+            Err(_) if stopped => Err(RepoError::BadPack("the receiver went away".into())),
+            other => other.map_err(RepoError::from),
+        }?;
+        tracing::debug!(objects, "pack written");
+        Ok(())
     }
 
     fn add_want(
@@ -65,62 +84,59 @@ impl Replica {
         }
     }
 
-    /// Writes pack bytes into the object database, indexed. libgit2's pack
-    /// writer streams into a temporary file and renames it into objects/pack
-    /// only on commit, so a failure or a crash midway leaves no bad pack.
+    /// Writes pack bytes into the object database, indexed.
     pub fn index_pack(&self, pack: &[u8]) -> Result<(), RepoError> {
-        if is_empty_pack(pack) {
-            // libgit2 would write a pack and index holding nothing; skip the clutter.
-            return Ok(());
-        }
+        self.receive_pack(std::iter::once(Ok::<_, String>(pack.to_vec())))
+            .map(drop)
+    }
+
+    /// Indexes a pack arriving in pieces into the object database; returns
+    /// its size. libgit2's pack writer streams into a temporary file and
+    /// renames it into objects/pack only on commit, so a failure, an `Err`
+    /// piece (the stream broke) or a crash midway leaves no pack behind.
+    pub fn receive_pack<E: std::fmt::Display>(
+        &self,
+        pieces: impl IntoIterator<Item = Result<Vec<u8>, E>>,
+    ) -> Result<u64, RepoError> {
         let odb = self.repo.odb()?;
         let mut writer = odb.packwriter()?;
-        // The io::Write impl hides libgit2's reason; it is still in the
-        // thread's last-error slot, so fetch it from there.
-        if writer.write_all(pack).is_err() {
-            let reason = git2::Error::last_error(-1).map(|e| e.message().to_string());
-            return Err(RepoError::BadPack(
-                reason.unwrap_or_else(|| "unreadable data".to_string()),
-            ));
+        let mut len: u64 = 0;
+        let mut header = Vec::with_capacity(12);
+        for piece in pieces {
+            let piece =
+                piece.map_err(|e| RepoError::BadPack(format!("transfer broke off: {e}")))?;
+            if header.len() < 12 {
+                let take = (12 - header.len()).min(piece.len());
+                header.extend_from_slice(&piece[..take]);
+            }
+            len += piece.len() as u64;
+            // The io::Write impl hides libgit2's reason; it is still in the
+            // thread's last-error slot, so fetch it from there.
+            if writer.write_all(&piece).is_err() {
+                let reason = git2::Error::last_error(-1).map(|e| e.message().to_string());
+                return Err(RepoError::BadPack(
+                    reason.unwrap_or_else(|| "unreadable data".to_string()),
+                ));
+            }
+        }
+        if is_empty_pack(len, &header) {
+            // libgit2 would write a pack and index holding nothing; skip the clutter.
+            return Ok(len);
         }
         writer
             .commit()
             .map_err(|e| RepoError::BadPack(e.message().to_string()))?;
         drop(writer);
-        self.sync_pack(pack);
-        tracing::debug!(bytes = pack.len(), "pack indexed");
-        Ok(())
-    }
-
-    /// libgit2 does not fsync by default, but a node may acknowledge objects
-    /// as stored right after indexing them. The pack is named after its
-    /// trailer checksum (unless it was thin and got completed, in which case
-    /// we cannot name it and only the directory is synced).
-    fn sync_pack(&self, pack: &[u8]) {
-        let dir = self.repo.path().join("objects").join("pack");
-        let trailer: String = pack[pack.len() - 20..]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        for ext in ["pack", "idx"] {
-            let file = dir.join(format!("pack-{trailer}.{ext}"));
-            if let Err(e) = fsync(&file) {
-                tracing::debug!(file = %file.display(), error = %e, "pack not synced");
-            }
-        }
-        if let Err(e) = fsync(&dir) {
-            tracing::warn!(dir = %dir.display(), error = %e, "pack directory not synced");
-        }
+        // libgit2 has fsynced the pack, its index and objects/pack itself
+        // (fsync is on for every process that opens a Replica: `crate::durable`).
+        tracing::debug!(bytes = len, "pack indexed");
+        Ok(len)
     }
 }
 
-fn fsync(path: &Path) -> std::io::Result<()> {
-    File::open(path)?.sync_all()
-}
-
-fn is_empty_pack(pack: &[u8]) -> bool {
-    pack.is_empty()
-        || (pack.len() == EMPTY_PACK_LEN
-            && pack.starts_with(b"PACK")
-            && pack[8..12] == [0, 0, 0, 0])
+fn is_empty_pack(len: u64, header: &[u8]) -> bool {
+    len == 0
+        || (len == EMPTY_PACK_LEN as u64
+            && header.starts_with(b"PACK")
+            && header.get(8..12) == Some(&[0, 0, 0, 0][..]))
 }

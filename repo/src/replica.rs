@@ -20,6 +20,8 @@ impl Replica {
     /// Opens a bare repository; error RepoError::NotBare if it is not bare,
     /// NotARepository if absent.
     pub fn open(path: &Path) -> Result<Replica, RepoError> {
+        crate::durable::enable_fsync();
+        crate::locks::note_start();
         let repo = open_repository(path)?;
         if !repo.is_bare() {
             return Err(RepoError::NotBare(path.to_path_buf()));
@@ -28,6 +30,16 @@ impl Replica {
             repo,
             path: path.to_path_buf(),
         })
+    }
+
+    /// A boolean from the repository's git config (all levels, as git reads
+    /// them); false when unset.
+    pub fn config_bool(&self, key: &str) -> Result<bool, RepoError> {
+        match self.repo.config()?.get_bool(key) {
+            Ok(v) => Ok(v),
+            Err(e) if e.code() == ErrorCode::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The path the replica was opened with.
@@ -85,7 +97,32 @@ impl Replica {
     /// clobbered. The reflog entry (with `message`) is written whenever git
     /// itself would write one: `core.logAllRefUpdates` (which `install` turns
     /// on) or an existing reflog for the ref.
+    ///
+    /// A lock file that a killed process left on the ref (or on
+    /// packed-refs) is removed when it is stale, and the update tried again.
     pub fn set_ref(
+        &self,
+        name: &str,
+        expected: Option<&str>,
+        new: Option<&str>,
+        message: &str,
+    ) -> Result<(), RepoError> {
+        match self.try_set_ref(name, expected, new, message) {
+            Err(RepoError::Git(e)) if e.code() == ErrorCode::Locked => {
+                let dir = self.repo.path();
+                let ref_lock = crate::locks::clear_if_stale(&dir.join(format!("{name}.lock")));
+                let packed_lock = crate::locks::clear_if_stale(&dir.join("packed-refs.lock"));
+                if ref_lock || packed_lock {
+                    self.try_set_ref(name, expected, new, message)
+                } else {
+                    Err(RepoError::Git(e))
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn try_set_ref(
         &self,
         name: &str,
         expected: Option<&str>,
@@ -124,6 +161,75 @@ impl Replica {
             }
             Err(e) => Err(self.cas_failure(name, e)?),
         }
+    }
+
+    /// [`Replica::set_ref`], keeping the old tip reachable when this move
+    /// would lose it: before a ref is deleted or moved to a commit that does
+    /// not contain its old value, the old value is written to
+    /// `refs/piehole/displaced/<name>`, whose reflog keeps every earlier one.
+    pub fn set_ref_keeping_old(
+        &self,
+        name: &str,
+        expected: Option<&str>,
+        new: Option<&str>,
+        message: &str,
+    ) -> Result<(), RepoError> {
+        if let Some(old) = expected {
+            let kept = match new {
+                None => false,
+                Some(new) => self.is_descendant(new, old),
+            };
+            if !kept {
+                self.keep_displaced(name, old, message)?;
+            }
+        }
+        self.set_ref(name, expected, new, message)
+    }
+
+    fn keep_displaced(&self, name: &str, old: &str, message: &str) -> Result<(), RepoError> {
+        let oid = parse_id(old)?;
+        let stable = format!("{OWN_NAMESPACE}displaced/{name}");
+        let write = |keep_as: &str| -> Result<(), git2::Error> {
+            self.repo.reference_ensure_log(keep_as)?;
+            self.repo.reference(keep_as, oid, true, message).map(drop)
+        };
+        // refs/heads/a and refs/heads/a/b can exist at different times, but
+        // their displaced names cannot both be files: fall back to a unique name.
+        if let Err(e) = write(&stable) {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            let unique = format!("{OWN_NAMESPACE}displaced/at-{nanos}/{name}");
+            tracing::debug!(
+                name,
+                error = e.message(),
+                keep_as = unique,
+                "displaced name taken"
+            );
+            write(&unique)?;
+        }
+        Ok(())
+    }
+
+    /// Writes each (name, id) of `refs` as `<prefix><name>`, so a
+    /// repository's own tips stay reachable while it is made to follow its
+    /// group. Returns the names written.
+    pub fn keep_under(
+        &self,
+        prefix: &str,
+        refs: &BTreeMap<String, String>,
+        message: &str,
+    ) -> Result<Vec<String>, RepoError> {
+        let mut written = Vec::new();
+        for (name, id) in refs {
+            let keep_as = format!("{prefix}{name}");
+            self.repo.reference_ensure_log(&keep_as)?;
+            self.repo
+                .reference(&keep_as, parse_id(id)?, true, message)?;
+            written.push(keep_as);
+        }
+        Ok(written)
     }
 
     fn delete_ref(&self, name: &str, expected: Oid) -> Result<(), RepoError> {
@@ -189,10 +295,7 @@ fn resolve(reference: &Reference<'_>) -> Option<Oid> {
     }
 }
 
-/// Refs piehole keeps in agreement: everything under refs/ except remote-tracking refs.
-fn is_replicated(name: &str) -> bool {
-    name.starts_with("refs/") && !name.starts_with("refs/remotes/")
-}
+use piehole_protocol::validate::{is_replicated, OWN_NAMESPACE};
 
 pub(crate) fn open_repository(path: &Path) -> Result<Repository, RepoError> {
     // Repository::open never searches parent directories nor honours GIT_DIR,
@@ -253,6 +356,7 @@ mod tests {
         assert!(is_replicated("refs/tags/v1"));
         assert!(!is_replicated("refs/remotes/origin/main"));
         assert!(!is_replicated("HEAD"));
+        assert!(!is_replicated("refs/piehole/displaced/refs/heads/main"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use common::{commit, git, git_output, init_bare, init_work};
-use piehole_repo::hooks::{self, InstallOptions, InstallReport, MARKER};
+use piehole_repo::hooks::{self, HookKind, InstallOptions, InstallReport, MARKER};
 use piehole_repo::{config, RepoError};
 
 fn options(root: &Path) -> InstallOptions {
@@ -16,7 +16,25 @@ fn options(root: &Path) -> InstallOptions {
         node_socket: root.join("node/piehole.sock"),
         piehole_exe: PathBuf::from("/usr/local/bin/piehole"),
         force: false,
+        kind: HookKind::ProcReceive,
+        request_timeout_ms: Some(7000),
     }
+}
+
+/// The same, for git older than 2.29.
+fn legacy_options(root: &Path) -> InstallOptions {
+    InstallOptions {
+        kind: HookKind::Update,
+        ..options(root)
+    }
+}
+
+fn config_all(repo: &Path, key: &str) -> Vec<String> {
+    let out = git_output(repo, &["config", "--get-all", key]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect()
 }
 
 fn mode(path: &Path) -> u32 {
@@ -33,23 +51,26 @@ fn install_writes_executable_hooks_and_config() {
     assert_eq!(
         report,
         InstallReport {
-            hooks_written: vec!["update".to_string(), "post-update".to_string()],
+            hooks_written: vec!["proc-receive".to_string()],
+            hooks_removed: vec![],
             already_installed: false,
         }
     );
-    for name in ["update", "post-update"] {
-        let path = bare.join("hooks").join(name);
-        assert_eq!(mode(&path), 0o755, "{name}");
-        assert_eq!(
-            fs::read_to_string(&path).unwrap(),
-            format!(
-                "#!/bin/sh\n{MARKER} (written by `piehole install`; `piehole install --force` rewrites it)\n\
-                 exec '/usr/local/bin/piehole' hook {name} \"$@\"\n"
-            )
-        );
-    }
-    assert_eq!(git(&bare, &["config", "core.logAllRefUpdates"]), "true");
+    let path = bare.join("hooks/proc-receive");
+    assert_eq!(mode(&path), 0o755);
+    assert_eq!(
+        fs::read_to_string(&path).unwrap(),
+        format!(
+            "#!/bin/sh\n{MARKER} (written by `piehole install`; `piehole install --force` rewrites it)\n\
+             exec '/usr/local/bin/piehole' hook proc-receive \"$@\"\n"
+        )
+    );
+    assert!(!bare.join("hooks/update").exists());
+    assert_eq!(git(&bare, &["config", "core.logAllRefUpdates"]), "always");
     assert_eq!(git(&bare, &["config", "core.fsync"]), "committed");
+    assert_eq!(config_all(&bare, "receive.procReceiveRefs"), vec!["refs/"]);
+    assert_eq!(config_all(&bare, "receive.hideRefs"), vec!["refs/piehole/"]);
+    assert_eq!(git(&bare, &["config", "piehole.requestTimeoutMs"]), "7000");
     assert_eq!(git(&bare, &["config", "piehole.group"]), "widgets");
     assert_eq!(
         git(&bare, &["config", "piehole.node"]),
@@ -71,7 +92,7 @@ fn install_is_idempotent_and_notices_changed_options() {
     let bare = init_bare(root.path(), "widgets.git");
     let opts = options(root.path());
     hooks::install(&bare, &opts).unwrap();
-    let update = bare.join("hooks/update");
+    let update = bare.join("hooks/proc-receive");
     let config_before = fs::read(bare.join("config")).unwrap();
     let modified_before = fs::metadata(&update).unwrap().modified().unwrap();
 
@@ -80,6 +101,7 @@ fn install_is_idempotent_and_notices_changed_options() {
         again,
         InstallReport {
             hooks_written: vec![],
+            hooks_removed: vec![],
             already_installed: true
         }
     );
@@ -102,8 +124,67 @@ fn install_is_idempotent_and_notices_changed_options() {
     // A hook that lost its execute bit is rewritten.
     fs::set_permissions(&update, fs::Permissions::from_mode(0o644)).unwrap();
     let report = hooks::install(&bare, &regrouped).unwrap();
-    assert_eq!(report.hooks_written, vec!["update".to_string()]);
+    assert_eq!(report.hooks_written, vec!["proc-receive".to_string()]);
     assert_eq!(mode(&update), 0o755);
+}
+
+#[test]
+fn switching_hook_kinds_removes_pieholes_own_other_hooks() {
+    let root = tempfile::tempdir().unwrap();
+    let bare = init_bare(root.path(), "widgets.git");
+    hooks::install(&bare, &legacy_options(root.path())).unwrap();
+    assert!(bare.join("hooks/update").exists());
+    assert!(config_all(&bare, "receive.procReceiveRefs").is_empty());
+    assert!(hooks::local_problems(&bare).unwrap().is_empty());
+
+    let report = hooks::install(&bare, &options(root.path())).unwrap();
+    assert_eq!(report.hooks_written, vec!["proc-receive".to_string()]);
+    assert_eq!(
+        report.hooks_removed,
+        vec!["update".to_string(), "post-update".to_string()]
+    );
+    assert_eq!(config_all(&bare, "receive.procReceiveRefs"), vec!["refs/"]);
+    assert!(hooks::local_problems(&bare).unwrap().is_empty());
+
+    let report = hooks::install(&bare, &legacy_options(root.path())).unwrap();
+    assert_eq!(report.hooks_removed, vec!["proc-receive".to_string()]);
+    assert!(config_all(&bare, "receive.procReceiveRefs").is_empty());
+    assert!(hooks::local_problems(&bare).unwrap().is_empty());
+}
+
+#[test]
+fn the_hook_kind_follows_the_git_version() {
+    assert_eq!(HookKind::for_git_version("2.47.3"), HookKind::ProcReceive);
+    assert_eq!(HookKind::for_git_version("2.29.0"), HookKind::ProcReceive);
+    assert_eq!(HookKind::for_git_version("3.0"), HookKind::ProcReceive);
+    assert_eq!(HookKind::for_git_version("2.28.1"), HookKind::Update);
+    assert_eq!(HookKind::for_git_version("1.9.5"), HookKind::Update);
+}
+
+#[test]
+fn install_refuses_a_foreign_update_hook_that_proc_receive_would_silence() {
+    let root = tempfile::tempdir().unwrap();
+    let bare = init_bare(root.path(), "widgets.git");
+    let foreign = "#!/bin/sh\necho mine\n";
+    let update = bare.join("hooks/update");
+    fs::write(&update, foreign).unwrap();
+    match hooks::install(&bare, &options(root.path())) {
+        Err(RepoError::SilencedHook(name)) => assert_eq!(name, "update"),
+        other => panic!("expected SilencedHook, got {other:?}"),
+    }
+    assert!(!bare.join("hooks/proc-receive").exists());
+    assert!(config_all(&bare, "receive.procReceiveRefs").is_empty());
+    // Forced: installed, and the foreign hook is left where it was.
+    let forced = InstallOptions {
+        force: true,
+        ..options(root.path())
+    };
+    hooks::install(&bare, &forced).unwrap();
+    assert_eq!(fs::read_to_string(&update).unwrap(), foreign);
+    // A foreign post-update keeps running under proc-receive: no refusal.
+    let other = init_bare(root.path(), "other.git");
+    fs::write(other.join("hooks/post-update"), foreign).unwrap();
+    hooks::install(&other, &options(root.path())).unwrap();
 }
 
 #[test]
@@ -114,7 +195,7 @@ fn install_refuses_a_foreign_hook_unless_forced() {
     let post_update = bare.join("hooks/post-update");
     fs::write(&post_update, foreign).unwrap();
 
-    match hooks::install(&bare, &options(root.path())) {
+    match hooks::install(&bare, &legacy_options(root.path())) {
         Err(RepoError::ForeignHook(name)) => assert_eq!(name, "post-update"),
         other => panic!("expected ForeignHook, got {other:?}"),
     }
@@ -127,7 +208,7 @@ fn install_refuses_a_foreign_hook_unless_forced() {
 
     let forced = InstallOptions {
         force: true,
-        ..options(root.path())
+        ..legacy_options(root.path())
     };
     let report = hooks::install(&bare, &forced).unwrap();
     assert_eq!(report.hooks_written.len(), 2);
@@ -143,7 +224,7 @@ fn install_refuses_non_bare_and_missing_repositories() {
         hooks::install(&work, &options(root.path())),
         Err(RepoError::NotBare(_))
     ));
-    assert!(!work.join(".git/hooks/update").exists());
+    assert!(!work.join(".git/hooks/proc-receive").exists());
     assert!(matches!(
         hooks::install(&root.path().join("absent"), &options(root.path())),
         Err(RepoError::NotARepository(_))
@@ -157,13 +238,13 @@ fn local_problems_names_each_problem() {
     assert_eq!(
         hooks::local_problems(&bare).unwrap(),
         vec![
-            "hook update is missing",
-            "hook post-update is missing",
+            "receive.procReceiveRefs is not refs/, so git does not run the proc-receive hook",
+            "hook proc-receive is missing",
             "reflog is off (core.logAllRefUpdates)",
         ]
     );
 
-    hooks::install(&bare, &options(root.path())).unwrap();
+    hooks::install(&bare, &legacy_options(root.path())).unwrap();
     fs::set_permissions(bare.join("hooks/update"), fs::Permissions::from_mode(0o644)).unwrap();
     fs::write(bare.join("hooks/post-update"), "#!/bin/sh\nexit 0\n").unwrap();
     fs::set_permissions(
@@ -187,7 +268,7 @@ fn local_problems_names_each_problem() {
         &bare,
         &InstallOptions {
             force: true,
-            ..options(root.path())
+            ..legacy_options(root.path())
         },
     )
     .unwrap();
@@ -209,7 +290,7 @@ fn local_problems_reports_a_non_bare_repository() {
     let work = init_work(root.path(), "w");
     let problems = hooks::local_problems(&work).unwrap();
     assert_eq!(problems[0], "repository is not bare");
-    assert!(problems.contains(&"hook update is missing".to_string()));
+    assert!(problems.contains(&"hook proc-receive is missing".to_string()));
     assert!(matches!(
         hooks::local_problems(&root.path().join("absent")),
         Err(RepoError::NotARepository(_))
@@ -237,7 +318,7 @@ fn installed_hooks_exec_piehole_during_a_push() {
     let bare = init_bare(root.path(), "widgets.git");
     let opts = InstallOptions {
         piehole_exe: fake.clone(),
-        ..options(root.path())
+        ..legacy_options(root.path())
     };
     hooks::install(&bare, &opts).unwrap();
 
@@ -274,6 +355,7 @@ fn config_read_gets_what_install_wrote() {
     let read = config::read(&bare).unwrap();
     assert_eq!(read.group.as_deref(), Some("widgets"));
     assert_eq!(read.node, Some(opts.node_socket));
+    assert_eq!(read.request_timeout_ms, Some(7000));
 
     git(&bare, &["config", "--unset", "piehole.node"]);
     let read = config::read(&bare).unwrap();
@@ -294,6 +376,6 @@ fn relative_paths_are_made_absolute() {
     let cwd = std::env::current_dir().unwrap();
     let node = config::read(&bare).unwrap().node.unwrap();
     assert_eq!(node, cwd.join("run/piehole.sock"));
-    let hook = fs::read_to_string(bare.join("hooks/update")).unwrap();
+    let hook = fs::read_to_string(bare.join("hooks/proc-receive")).unwrap();
     assert!(hook.contains(&format!("exec '{}'", cwd.join("bin/piehole").display())));
 }

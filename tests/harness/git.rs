@@ -16,13 +16,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{piehole, Cluster};
+use super::{piehole, poll_until_showing, show, stderr, stdout, Cluster};
 
 /// How long replication may take before a test gives up.
 pub const CONVERGE: Duration = Duration::from_secs(30);
-
-/// All-zero object id: "absent" for `piehole ref cas` and git's hooks.
-pub const ZERO: &str = "0000000000000000000000000000000000000000";
 
 /// The variables that would make git or piehole look somewhere we did not ask.
 const SCRUBBED: &[&str] = &[
@@ -105,38 +102,13 @@ pub fn git(dir: &Path, args: &[&str]) -> Output {
 /// Runs git in `dir`, panics with its stderr on failure, returns trimmed stdout.
 pub fn git_ok(dir: &Path, args: &[&str]) -> String {
     let out = git(dir, args);
-    assert!(
-        out.status.success(),
-        "git {args:?} in {} failed ({}):\n{}{}",
-        dir.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out, &format!("git {args:?} in {}", dir.display()));
     stdout(&out).trim().to_string()
-}
-
-pub fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-pub fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Both streams, for assertion messages.
-pub fn describe(out: &Output) -> String {
-    format!(
-        "exit {}\n--- stdout\n{}--- stderr\n{}",
-        out.status,
-        stdout(out),
-        stderr(out)
-    )
 }
 
 #[track_caller]
 pub fn assert_ok(out: &Output, what: &str) {
-    assert!(out.status.success(), "{what} failed:\n{}", describe(out));
+    assert!(out.status.success(), "{what} failed:\n{}", show(out));
 }
 
 #[track_caller]
@@ -144,12 +116,12 @@ pub fn assert_failed_with(out: &Output, what: &str, needle: &str) {
     assert!(
         !out.status.success(),
         "{what} should have failed:\n{}",
-        describe(out)
+        show(out)
     );
     assert!(
         stderr(out).contains(needle),
         "{what}: stderr should contain {needle:?}:\n{}",
-        describe(out)
+        show(out)
     );
 }
 
@@ -261,11 +233,14 @@ pub fn refs(repo: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The replicated refs (what piehole keeps in agreement): all but refs/remotes/.
+/// The replicated refs (what piehole keeps in agreement): all but
+/// refs/remotes/ and piehole's own refs/piehole/.
 pub fn replicated_refs(repo: &Path) -> BTreeMap<String, String> {
     refs(repo)
         .into_iter()
-        .filter(|(name, _)| !name.starts_with("refs/remotes/"))
+        .filter(|(name, _)| {
+            !name.starts_with("refs/remotes/") && !name.starts_with("refs/piehole/")
+        })
         .collect()
 }
 
@@ -276,67 +251,16 @@ pub fn consensus_local(
     id: u64,
     group: &str,
 ) -> Option<BTreeMap<String, String>> {
-    consensus_read(cluster, id, group, true)
+    cluster.try_refs(id, group, true)
 }
 
 /// The group's consensus refs, linearizable read through node `id`.
 pub fn consensus(cluster: &Cluster, id: u64, group: &str) -> BTreeMap<String, String> {
-    consensus_read(cluster, id, group, false)
-        .unwrap_or_else(|| panic!("node {id} could not read the consensus of {group}"))
-}
-
-fn consensus_read(
-    cluster: &Cluster,
-    id: u64,
-    group: &str,
-    local: bool,
-) -> Option<BTreeMap<String, String>> {
-    let sock = cluster.socket(id);
-    let sock = sock.to_str().expect("socket path is UTF-8");
-    let mut args = vec!["ref", "--node", sock, "get", group, "--json"];
-    if local {
-        args.push("--local");
-    }
-    let out = piehole_in(cluster.dir.path(), &args);
-    if !out.status.success() {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("ref get printed no JSON ({e}):\n{}", describe(&out)));
-    Some(
-        v.as_object()
-            .unwrap_or_else(|| panic!("ref get --json is not an object: {v}"))
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-            .collect(),
-    )
+    cluster.refs(id, group, false)
 }
 
 // ---------------------------------------------------------------------------
 // Waiting for replication
-
-/// Polls every 50 ms until `f` returns Some or `timeout` passes; on timeout
-/// panics with `what` and the last state `describe` reports.
-pub fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> Option<T>,
-    describe: impl Fn() -> String,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if start.elapsed() > timeout {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}; last state:\n{}",
-                describe()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn state_of(cluster: &Cluster, repos: &[PathBuf]) -> String {
     let mut s = String::new();
@@ -366,7 +290,7 @@ fn state_of(cluster: &Cluster, repos: &[PathBuf]) -> String {
 
 /// Waits (bounded by [`CONVERGE`]) until `name` has `value` (None = absent) in every repo.
 pub fn wait_converged(cluster: &Cluster, repos: &[PathBuf], name: &str, value: Option<&str>) {
-    wait_for(
+    poll_until_showing(
         &format!("{name} = {value:?} in every replica"),
         CONVERGE,
         || {
@@ -381,7 +305,7 @@ pub fn wait_converged(cluster: &Cluster, repos: &[PathBuf], name: &str, value: O
 
 /// Waits (bounded by [`CONVERGE`]) until every repo's replicated refs equal `expected` exactly.
 pub fn wait_all_refs(cluster: &Cluster, repos: &[PathBuf], expected: &BTreeMap<String, String>) {
-    wait_for(
+    poll_until_showing(
         &format!("every replica to hold exactly {expected:?}"),
         CONVERGE,
         || {
@@ -551,6 +475,25 @@ impl Work {
     pub fn push_ok(&self, remote: &Path, refspecs: &[&str]) {
         let out = self.push(remote, refspecs);
         assert_ok(&out, &format!("git push {} {refspecs:?}", remote.display()));
+    }
+
+    /// `git push <remote> main` to a replica whose node has no majority:
+    /// refused with "no quorum" for refs/heads/main within `bound` (the
+    /// nodes' request timeout plus a margin).
+    #[track_caller]
+    pub fn push_main_says_no_quorum(&self, remote: &Path, bound: Duration) {
+        let started = Instant::now();
+        let out = self.push(remote, &["main"]);
+        let took = started.elapsed();
+        assert_failed_with(
+            &out,
+            &format!("git push {} main", remote.display()),
+            "remote: refs/heads/main: no quorum",
+        );
+        assert!(
+            took < bound,
+            "\"no quorum\" must come within {bound:?}; took {took:?}"
+        );
     }
 
     /// `git fetch <remote>` of every branch and tag into refs/remotes/r/* and refs/tags/*.

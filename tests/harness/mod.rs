@@ -2,24 +2,31 @@
 //! the `piehole` command and the local API.
 //!
 //! Rules the tests follow: no fixed sleeps; every wait is a bounded
-//! [`poll_until`]; each cluster lives in its own temporary directory and is
-//! SIGKILLed when dropped. Node stderr goes to `DIR/node-N.log`; the tails of
-//! those logs are printed when a poll times out or a test panics.
+//! [`poll`] (through [`poll_until`] almost everywhere); each cluster lives in
+//! its own temporary directory and is SIGKILLed when dropped. Node stderr
+//! goes to `DIR/node-N.log`; the tails of those logs are printed when a poll
+//! times out or a test panics.
 
 #![allow(dead_code)]
 
 /// Bare replicas, work repositories and pushes (written alongside this file).
 pub mod git;
+/// A TCP proxy that can black-hole a link, for partitions.
+pub mod proxy;
+/// Watching refs change, fast, and judging the history.
+pub mod sampler;
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use proxy::Proxy;
 
 /// All zeros: git's (and `piehole ref cas`'s) "absent".
 pub const ZERO: &str = "0000000000000000000000000000000000000000";
@@ -72,36 +79,70 @@ pub fn dump_logs() {
     });
 }
 
-/// Calls `f` every 50 ms until it returns `Some`, or panics naming `what`
-/// after `timeout` (printing the node logs first).
-pub fn poll_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+/// How often a poll looks again: often enough that a wait costs little
+/// beyond the event itself, seldom enough not to load the nodes.
+pub const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// The one poll loop: calls `f` every `every` until it returns `Some`, or
+/// gives `None` once `timeout` has passed without one. For callers that
+/// handle a timeout themselves; the others use [`poll_until`].
+pub fn poll<T>(every: Duration, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
-            return v;
+            return Some(v);
         }
         if start.elapsed() >= timeout {
-            dump_logs();
-            panic!("timed out after {timeout:?} waiting for: {what}");
+            return None;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(every);
     }
+}
+
+/// Polls `f` until it returns `Some`; after `timeout` prints the node logs
+/// and panics naming `what`.
+pub fn poll_until<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    poll_until_showing(what, timeout, f, String::new)
+}
+
+/// Like [`poll_until`], and the panic message also carries what
+/// `last_state()` reports at the timeout (e.g. every replica's refs).
+pub fn poll_until_showing<T>(
+    what: &str,
+    timeout: Duration,
+    f: impl FnMut() -> Option<T>,
+    last_state: impl FnOnce() -> String,
+) -> T {
+    if let Some(v) = poll(POLL_EVERY, timeout, f) {
+        return v;
+    }
+    dump_logs();
+    let state = last_state();
+    if state.is_empty() {
+        panic!("timed out after {timeout:?} waiting for: {what}");
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}; last state:\n{state}");
 }
 
 static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
-/// A currently free loopback port (bound, read, dropped). Never returns the
-/// same port twice within one test process.
-pub fn free_port() -> u16 {
+/// A listener on a loopback port that no other caller in this test process
+/// was given, from [`free_port`] or from here.
+pub fn fresh_listener() -> TcpListener {
     loop {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let port = l.local_addr().expect("local_addr").port();
-        drop(l);
         let mut g = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
         if g.get_or_insert_with(HashSet::new).insert(port) {
-            return port;
+            return l;
         }
     }
+}
+
+/// A currently free loopback port (bound, read, dropped). Never returns the
+/// same port twice within one test process.
+pub fn free_port() -> u16 {
+    fresh_listener().local_addr().expect("local_addr").port()
 }
 
 /// A 40-hex object id derived from `n` (distinct for distinct `n`; never zero).
@@ -118,13 +159,13 @@ pub fn run_piehole(args: &[&str]) -> Output {
         .expect("cannot run the piehole binary")
 }
 
-/// Stdout and stderr of an output, for assertion messages.
+/// Exit status and both streams of an output, for assertion messages.
 pub fn show(o: &Output) -> String {
     format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+        "exit {}\n--- stdout\n{}--- stderr\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
     )
 }
 
@@ -166,33 +207,14 @@ pub fn run_expect_exit(mut cmd: Command, timeout: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let status = {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = child.try_wait().expect("try_wait") {
-                break s;
-            }
-            if start.elapsed() >= timeout {
-                let _ = child.kill();
-                let out = child.wait_with_output().expect("wait");
-                panic!("process did not exit within {timeout:?}; {}", show(&out));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    let mut out = Vec::new();
-    let mut err = Vec::new();
-    if let Some(mut s) = child.stdout.take() {
-        let _ = s.read_to_end(&mut out);
+    let exited = poll(POLL_EVERY, timeout, || child.try_wait().expect("try_wait"));
+    if exited.is_none() {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("wait");
+        panic!("process did not exit within {timeout:?}; {}", show(&out));
     }
-    if let Some(mut s) = child.stderr.take() {
-        let _ = s.read_to_end(&mut err);
-    }
-    Output {
-        status,
-        stdout: out,
-        stderr: err,
-    }
+    // It has exited: this only collects its status and output.
+    child.wait_with_output().expect("wait")
 }
 
 /// A small multi-thread tokio runtime for LocalClient calls in a sync test.
@@ -204,26 +226,31 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// Spawns `piehole args`, stderr and stdout appended to `log`, whose tail
+/// is printed if a poll of this thread times out.
+fn spawn_logged<S: AsRef<std::ffi::OsStr>>(args: &[S], log: &Path) -> Child {
+    register_log(log);
+    let f = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open log");
+    Command::new(piehole())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().expect("dup log"))
+        .stderr(f)
+        .spawn()
+        .expect("spawn piehole")
+}
+
 /// A process killed (SIGKILL) and reaped when dropped.
 pub struct ChildGuard(pub Child);
 
 impl ChildGuard {
     /// Spawns `piehole args`, stderr and stdout appended to `log`.
     pub fn spawn_piehole(args: &[&str], log: &Path) -> ChildGuard {
-        register_log(log);
-        let f = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("open log");
-        let child = Command::new(piehole())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().expect("dup log"))
-            .stderr(f)
-            .spawn()
-            .expect("spawn piehole");
-        ChildGuard(child)
+        ChildGuard(spawn_logged(args, log))
     }
 
     /// Whether the process is still running.
@@ -274,6 +301,12 @@ pub struct Cluster {
     extra_args: Vec<String>,
     /// Arguments for one node only, after `extra_args`.
     node_args: BTreeMap<u64, Vec<String>>,
+    /// In a partitionable cluster, the proxy of every directed link
+    /// (from, to): node `from` names node `to` at that proxy's address, so
+    /// every connection `from` opens to `to` goes through it. Empty otherwise.
+    links: BTreeMap<(u64, u64), Proxy>,
+    /// The nodes cut off by [`Cluster::isolate`] and not healed yet.
+    isolated: BTreeSet<u64>,
 }
 
 impl Cluster {
@@ -303,6 +336,24 @@ impl Cluster {
         extra_args: &[&str],
         per_node: &dyn Fn(u64) -> Vec<String>,
     ) -> Cluster {
+        Cluster::launch_inner(n, extra_args, per_node, false)
+    }
+
+    /// Like [`Cluster::start_with`], but every directed link i -> j runs
+    /// through its own [`Proxy`], so that [`Cluster::isolate`] can cut a
+    /// node off the network while its process keeps running.
+    pub fn start_partitionable(n: usize, extra_args: &[&str]) -> Cluster {
+        let c = Cluster::launch_inner(n, extra_args, &|_| Vec::new(), true);
+        c.wait_leader();
+        c
+    }
+
+    fn launch_inner(
+        n: usize,
+        extra_args: &[&str],
+        per_node: &dyn Fn(u64) -> Vec<String>,
+        partitionable: bool,
+    ) -> Cluster {
         let mut extra: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
         if !extra.iter().any(|a| a.starts_with("--request-timeout-ms")) {
             extra.push("--request-timeout-ms".into());
@@ -322,12 +373,19 @@ impl Cluster {
                     addr: format!("127.0.0.1:{}", free_port()),
                     child: None,
                 })
-                .collect();
+                .collect::<Vec<Node>>();
+            let links = if partitionable {
+                links_between(&nodes)
+            } else {
+                BTreeMap::new()
+            };
             let mut c = Cluster {
                 dir,
                 nodes,
                 extra_args: extra.clone(),
                 node_args: (1..=n as u64).map(|id| (id, per_node(id))).collect(),
+                links,
+                isolated: BTreeSet::new(),
             };
             for id in 1..=n as u64 {
                 c.spawn(id);
@@ -347,10 +405,17 @@ impl Cluster {
         unreachable!()
     }
 
-    fn peers_arg(&self) -> String {
+    /// Node `id`'s `--peers`: every member at its listen address, or at the
+    /// address of the link's proxy in a partitionable cluster. The node
+    /// compares only member ids with what its data dir recorded, so each
+    /// node may name the others at different addresses.
+    fn peers_arg(&self, id: u64) -> String {
         self.nodes
             .iter()
-            .map(|n| format!("{}={}", n.id, n.addr))
+            .map(|n| match self.links.get(&(id, n.id)) {
+                Some(proxy) => format!("{}={}", n.id, proxy.addr()),
+                None => format!("{}={}", n.id, n.addr),
+            })
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -367,7 +432,7 @@ impl Cluster {
             "--listen".into(),
             n.addr.clone(),
             "--peers".into(),
-            self.peers_arg(),
+            self.peers_arg(id),
         ];
         args.extend(self.extra_args.iter().cloned());
         args.extend(self.node_args.get(&id).into_iter().flatten().cloned());
@@ -375,50 +440,27 @@ impl Cluster {
     }
 
     fn spawn(&mut self, id: u64) {
-        let args = self.node_args(id);
-        let log_path = self.node(id).log_path();
-        register_log(&log_path);
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .expect("open node log");
-        let child = Command::new(piehole())
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn piehole node");
+        let child = spawn_logged(&self.node_args(id), &self.node(id).log_path());
         self.node_mut(id).child = Some(child);
     }
 
     /// Waits until every running node answers `status`; Err if a node exits.
     fn wait_sockets(&mut self) -> Result<(), String> {
-        let start = Instant::now();
-        loop {
-            let mut all = true;
-            for i in 0..self.nodes.len() {
-                let id = self.nodes[i].id;
-                if let Some(child) = self.nodes[i].child.as_mut() {
-                    if let Ok(Some(st)) = child.try_wait() {
-                        self.nodes[i].child = None;
-                        let log = tail(&self.nodes[i].log_path(), 2000);
-                        return Err(format!("node {id} exited ({st}): {log}"));
-                    }
-                    if self.try_status(id).is_none() {
-                        all = false;
-                    }
+        poll(POLL_EVERY, Duration::from_secs(20), || {
+            for n in &mut self.nodes {
+                if let Some(Ok(Some(st))) = n.child.as_mut().map(Child::try_wait) {
+                    n.child = None;
+                    let log = tail(&n.log_path(), 2000);
+                    return Some(Err(format!("node {} exited ({st}): {log}", n.id)));
                 }
             }
-            if all {
-                return Ok(());
-            }
-            if start.elapsed() > Duration::from_secs(20) {
-                return Err("nodes' sockets did not answer within 20s".into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            let running = self.running_ids();
+            running
+                .iter()
+                .all(|&id| self.try_status(id).is_some())
+                .then_some(Ok(()))
+        })
+        .unwrap_or_else(|| Err("nodes' sockets did not answer within 20s".into()))
     }
 
     pub fn node(&self, id: u64) -> &Node {
@@ -569,40 +611,59 @@ impl Cluster {
     /// `piehole ref --node SOCK get GROUP --json`, with `--local` when
     /// `local` (else linearizable); None on failure.
     pub fn try_refs(&self, id: u64, group: &str, local: bool) -> Option<BTreeMap<String, String>> {
+        self.read_refs(id, group, local).ok()
+    }
+
+    /// Like [`Cluster::try_refs`], panicking on failure.
+    pub fn refs(&self, id: u64, group: &str, local: bool) -> BTreeMap<String, String> {
+        self.read_refs(id, group, local)
+            .unwrap_or_else(|why| panic!("ref get {group} on node {id}: {why}"))
+    }
+
+    fn read_refs(
+        &self,
+        id: u64,
+        group: &str,
+        local: bool,
+    ) -> Result<BTreeMap<String, String>, String> {
         let sock = self.socket(id);
-        let mut args = vec!["ref", "--node", sock.to_str()?, "get", group, "--json"];
+        let sock = sock.to_str().expect("socket path is UTF-8");
+        let mut args = vec!["ref", "--node", sock, "get", group, "--json"];
         if local {
             args.push("--local");
         }
         let o = self.run(&args);
         if !o.status.success() {
-            return None;
+            return Err(show(&o));
         }
-        serde_json::from_slice(&o.stdout).ok()
+        serde_json::from_slice(&o.stdout).map_err(|e| format!("not JSON ({e}): {}", show(&o)))
     }
 
-    /// Like [`Cluster::try_refs`], panicking on failure.
-    pub fn refs(&self, id: u64, group: &str, local: bool) -> BTreeMap<String, String> {
-        let sock = self.socket(id);
-        let mut args = vec![
-            "ref",
-            "--node",
-            sock.to_str().unwrap(),
-            "get",
-            group,
-            "--json",
-        ];
-        if local {
-            args.push("--local");
-        }
-        let o = self.run(&args);
+    /// Black-holes every link into and out of node `id` (see
+    /// [`Proxy::blackhole`]): it and its peers stop hearing each other,
+    /// silently, as behind a router that drops their packets. Its process,
+    /// local socket and repositories carry on. Partitionable clusters only.
+    pub fn isolate(&mut self, id: u64) {
+        self.isolated.insert(id);
+        self.cut_links();
+    }
+
+    /// Undoes [`Cluster::isolate`] for node `id`: its links carry traffic
+    /// again, except those to a node that is still isolated.
+    pub fn heal(&mut self, id: u64) {
+        self.isolated.remove(&id);
+        self.cut_links();
+    }
+
+    /// A link is black-holed exactly when either end is isolated.
+    fn cut_links(&self) {
         assert!(
-            o.status.success(),
-            "ref get {group} on node {id}: {}",
-            show(&o)
+            !self.links.is_empty(),
+            "isolate and heal need a cluster from Cluster::start_partitionable"
         );
-        serde_json::from_slice(&o.stdout)
-            .unwrap_or_else(|e| panic!("ref get output is not JSON ({e}): {}", show(&o)))
+        for (&(from, to), proxy) in &self.links {
+            proxy.blackhole(self.isolated.contains(&from) || self.isolated.contains(&to));
+        }
     }
 
     /// A LocalClient connected to node `id`'s socket.
@@ -611,6 +672,19 @@ impl Cluster {
             .await
             .unwrap_or_else(|e| panic!("connect to node {id}: {e}"))
     }
+}
+
+/// One proxy per directed link between `nodes`, keyed (from, to), each
+/// forwarding to the listen address of `to`.
+fn links_between(nodes: &[Node]) -> BTreeMap<(u64, u64), Proxy> {
+    let mut links = BTreeMap::new();
+    for from in nodes {
+        for to in nodes.iter().filter(|to| to.id != from.id) {
+            let target: SocketAddr = to.addr.parse().expect("a node's address is IP:PORT");
+            links.insert((from.id, to.id), Proxy::start(target));
+        }
+    }
+    links
 }
 
 impl Drop for Cluster {

@@ -24,7 +24,19 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         Ok(mut client) => match client.read_group(&group, true).await {
             Err(e) => problems.push(format!("cannot read group {group}: {e}")),
             Ok(view) => {
-                let me = client.status(false).await?.node_id;
+                let status = client.status(false).await?;
+                let me = status.node_id;
+                for l in status
+                    .lag
+                    .iter()
+                    .filter(|l| l.group == group && l.unfetchable)
+                {
+                    problems.push(format!(
+                        "{}: no replica has it: the group's value {} is on no node that answers                          (a lost push?); `piehole clobber` in a replica with good refs is the way out",
+                        l.ref_name,
+                        short(&l.consensus)
+                    ));
+                }
                 let registered = view
                     .replicas
                     .iter()

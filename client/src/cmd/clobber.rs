@@ -2,39 +2,32 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use piehole_client::{resolve_socket, LocalClient};
-use piehole_protocol::validate;
-use piehole_repo::Replica;
 
-use super::{current_repo, group_of};
+use super::current_repo;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// The local node's socket (else PIEHOLE_NODE, else piehole.node, else the default).
     #[arg(long)]
     node: Option<PathBuf>,
+    /// Also remove the group's refs that this repository lacks.
+    #[arg(long)]
+    prune: bool,
 }
 
+/// The node reads the refs itself, from the replica it has registered at
+/// this path: a repository that merely has the group's name cannot clobber.
 pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let repo_path = current_repo()?;
-    let group = group_of(&repo_path)?;
-    let repo = Replica::open(&repo_path)?;
-    let refs: std::collections::BTreeMap<String, String> = repo
-        .refs()?
-        .into_iter()
-        .filter(|(name, _)| validate::ref_name(name).is_ok())
-        .collect();
-    for (name, id) in &refs {
-        if !repo.is_complete(id)? {
-            anyhow::bail!("{name} points at {id}, which is incomplete here; refusing to make it the consensus");
-        }
-    }
     let socket = resolve_socket(a.node, Some(&repo_path));
     let mut client = LocalClient::connect(&socket).await?;
-    client.clobber(&group, &refs).await?;
+    let reply = client.clobber(&repo_path, a.prune).await?;
     println!(
-        "piehole: group {group} now follows {} ({} refs)",
+        "piehole: group {} now follows {} ({} refs, {} removed)",
+        reply.group,
         repo_path.display(),
-        refs.len()
+        reply.refs,
+        reply.removed
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use piehole_client::{resolve_socket, LocalClient};
 use piehole_protocol::validate;
-use piehole_repo::hooks::{self, InstallOptions};
+use piehole_repo::hooks::{self, HookKind, InstallOptions};
 use piehole_repo::Replica;
 
 use super::{current_repo, default_group};
@@ -17,9 +17,35 @@ pub struct Args {
     /// The local node's socket (else PIEHOLE_NODE, else the default).
     #[arg(long)]
     node: Option<PathBuf>,
-    /// Overwrite existing update/post-update hooks that are not piehole's.
+    /// Overwrite hooks that are not piehole's, and join a group whose refs
+    /// would replace some of this repository's own (kept under refs/piehole/kept/).
     #[arg(long)]
     force: bool,
+    /// Which hooks: proc-receive (git 2.29+) or update [default: by `git --version`].
+    #[arg(long, value_parser = parse_kind)]
+    hook: Option<HookKind>,
+}
+
+fn parse_kind(s: &str) -> Result<HookKind, String> {
+    match s {
+        "proc-receive" => Ok(HookKind::ProcReceive),
+        "update" => Ok(HookKind::Update),
+        _ => Err(format!("{s:?} is not one of: proc-receive, update")),
+    }
+}
+
+/// The hooks the git on this host can run.
+fn detect_kind() -> anyhow::Result<HookKind> {
+    let out = std::process::Command::new("git")
+        .arg("--version")
+        .output()
+        .context("cannot run `git --version` to choose the hooks (use --hook)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .split_whitespace()
+        .nth(2)
+        .context("cannot read the output of `git --version` (use --hook)")?;
+    Ok(HookKind::for_git_version(version))
 }
 
 pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
@@ -34,17 +60,23 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     // Only an explicit choice is written into the repo's config; install does not inherit an old one.
     let socket = resolve_socket(a.node, None);
     let socket = std::path::absolute(&socket).unwrap_or(socket);
+    let mut client = LocalClient::connect(&socket).await?;
+    let status = client.status(false).await?;
+    let kind = match a.hook {
+        Some(k) => k,
+        None => detect_kind()?,
+    };
     let exe = std::env::current_exe().context("cannot find the piehole executable")?;
     let opts = InstallOptions {
         group: group.clone(),
         node_socket: socket.clone(),
         piehole_exe: exe,
         force: a.force,
+        kind,
+        request_timeout_ms: Some(status.request_timeout_ms).filter(|&t| t > 0),
     };
     let report = hooks::install(&repo_path, &opts)?;
-
-    let mut client = LocalClient::connect(&socket).await?;
-    let seeded = client.register(&group, &repo_path).await?;
+    let reply = client.register(&group, &repo_path, a.force).await?;
 
     if report.already_installed {
         println!(
@@ -53,12 +85,19 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "piehole: installed hooks in {} (group {group})",
+            "piehole: installed hooks ({}) in {} (group {group})",
+            report.hooks_written.join(", "),
             repo_path.display()
         );
     }
-    if seeded > 0 {
-        println!("piehole: group {group} was empty; its consensus now starts from this repository's {seeded} refs");
+    if reply.seeded > 0 {
+        println!(
+            "piehole: group {group} was empty; its consensus now starts from this repository's {} refs",
+            reply.seeded
+        );
+    }
+    for kept in &reply.saved {
+        println!("piehole: kept this repository's own tip as {kept}");
     }
     Ok(ExitCode::SUCCESS)
 }

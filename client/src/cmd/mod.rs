@@ -40,7 +40,7 @@ enum Command {
     Status(status::Args),
     /// Start a three-node cluster on loopback and show a push replicating.
     Demo(demo::Args),
-    /// Called by git: `hook update REF OLD NEW`, `hook post-update REF...`.
+    /// Called by git: `hook proc-receive`, `hook update REF OLD NEW`, `hook post-update REF...`.
     Hook(hook::Args),
     /// Read or compare-and-swap consensus refs directly (operators, tests).
     Ref(refs::Args),
@@ -95,11 +95,12 @@ fn default_group(repo: &Path) -> anyhow::Result<String> {
     Ok(name.strip_suffix(".git").unwrap_or(name).to_string())
 }
 
-/// Consensus values are full hex ids; users read the short form.
-fn short(id: &str) -> &str {
+/// Consensus values are full hex ids; users read the short form. Cut by
+/// characters, so that no value can make it panic.
+fn short(id: &str) -> String {
     if id.is_empty() {
-        "(absent)"
+        "(absent)".to_string()
     } else {
-        &id[..id.len().min(12)]
+        id.chars().take(12).collect()
     }
 }

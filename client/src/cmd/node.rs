@@ -33,6 +33,11 @@ pub struct Args {
     /// How often every replica is compared with the consensus [default: 5000].
     #[arg(long)]
     reconcile_interval_ms: Option<u64>,
+    /// When a push is acknowledged: `local` (objects on the receiving
+    /// replica, refs committed) or `quorum` (objects also stored on a
+    /// majority of nodes first) [default: local].
+    #[arg(long)]
+    durability: Option<String>,
     /// Read these settings from a TOML file (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -59,6 +64,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         request_timeout_ms: a.request_timeout_ms,
         snapshot_interval: a.snapshot_interval,
         reconcile_interval_ms: a.reconcile_interval_ms,
+        durability: a.durability,
         etcd: a.etcd,
     };
     let env_secret = std::env::var("PIEHOLE_CLUSTER_SECRET")

@@ -40,6 +40,8 @@ fn to_json(s: &pb::StatusReply) -> serde_json::Value {
         "first_log_index": s.first_log_index,
         "snapshot_index": s.snapshot_index,
         "snapshots_installed": s.snapshots_installed,
+        "request_timeout_ms": s.request_timeout_ms,
+        "durability": s.durability,
         "groups": s.groups,
         "refs": s.refs,
         "members": s.members.iter().map(|m| json!({"id": m.id, "addr": m.addr, "reachable": m.reachable})).collect::<Vec<_>>(),
@@ -50,6 +52,7 @@ fn to_json(s: &pb::StatusReply) -> serde_json::Value {
             "consensus": l.consensus,
             "local": l.local,
             "differs_since_unix_ms": if l.differs_since_unix_ms == 0 { serde_json::Value::Null } else { json!(l.differs_since_unix_ms) },
+            "unfetchable": l.unfetchable,
         })).collect::<Vec<_>>(),
     })
 }
@@ -61,8 +64,8 @@ fn print_text(s: &pb::StatusReply) {
         s.leader_id.to_string()
     };
     println!(
-        "node {} ({}): leader {leader}, term {}",
-        s.node_id, s.backend, s.term
+        "node {} ({}, durability {}): leader {leader}, term {}",
+        s.node_id, s.backend, s.durability, s.term
     );
     println!(
         "log: commit {}, applied {}, first {}, snapshot {}",
@@ -94,8 +97,13 @@ fn print_text(s: &pb::StatusReply) {
         println!("replicas behind the consensus:");
         for l in behind {
             let secs = now.saturating_sub(l.differs_since_unix_ms) as f64 / 1000.0;
+            let nobody = if l.unfetchable {
+                " -- no replica has it; `piehole clobber` in a good replica"
+            } else {
+                ""
+            };
             println!(
-                "  {} node {} {}: consensus {} local {} (for {secs:.1}s)",
+                "  {} node {} {}: consensus {} local {} (for {secs:.1}s){nobody}",
                 l.group,
                 l.node_id,
                 l.ref_name,

@@ -1,30 +1,39 @@
 //! The local API: what hooks and the CLI ask of their own node. Reached only
 //! through the node's Unix socket, so file permissions are the access control.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use piehole_protocol::pb::{self, local_server::Local};
 use piehole_protocol::validate;
+use piehole_repo::Replica;
 use tonic::{Request, Response, Status};
 
 use super::{consensus_status, invalid};
-use crate::consensus::Consensus;
+use crate::consensus::{Consensus, GroupView};
+use crate::durability::Durability;
 use crate::peer_client::{self, PeerAuth};
+use crate::push::Pushes;
 use crate::replicator::Replicator;
-use crate::update_rule::{self, Decision};
+use crate::update_rule::{blocking, Proposed, Verdict};
+
+/// Most ref updates one push may carry (`git push --mirror` of a big repository).
+const MAX_PUSH_REFS: usize = 100_000;
 
 pub struct LocalService {
     pub consensus: Arc<dyn Consensus>,
     pub replicator: Arc<Replicator>,
+    pub pushes: Arc<Pushes>,
     pub peers: BTreeMap<u64, String>,
     pub auth: PeerAuth,
+    pub request_timeout: Duration,
+    pub durability: Durability,
 }
 
-fn opt(id: &str) -> Option<&str> {
-    (!id.is_empty()).then_some(id)
+fn opt(id: &str) -> Option<String> {
+    (!id.is_empty()).then(|| id.to_string())
 }
 
 fn check_ref(group: &str, ref_name: &str, ids: &[&str]) -> Result<(), Status> {
@@ -49,33 +58,32 @@ fn repo_path(p: &str) -> Result<PathBuf, Status> {
         .map_err(|e| Status::invalid_argument(format!("repository path {p:?}: {e}")))
 }
 
+fn repo_status(e: piehole_repo::RepoError) -> Status {
+    Status::failed_precondition(e.to_string())
+}
+
+/// The repository's replicated refs whose objects are all here.
+async fn complete_refs(path: &Path) -> Result<BTreeMap<String, String>, Status> {
+    let p = path.to_path_buf();
+    blocking(move || {
+        let repo = Replica::open(&p)?;
+        let mut complete = BTreeMap::new();
+        for (name, id) in repo.refs()? {
+            if validate::ref_name(&name).is_ok() && repo.is_complete(&id)? {
+                complete.insert(name, id);
+            }
+        }
+        Ok(complete)
+    })
+    .await
+    .map_err(repo_status)
+}
+
 impl LocalService {
     /// The first repository of a new group brings its refs with it. A CAS
     /// from "absent" never overwrites a value already seeded.
-    async fn seed_empty_group(&self, group: &str, path: &Path) -> Result<u64, Status> {
-        let view = self
-            .consensus
-            .group(group, true)
-            .await
-            .map_err(consensus_status)?;
-        // Only while no replica is registered anywhere: a seed cut short (no
-        // quorum, say) is finished by running install again.
-        if !view.replicas.is_empty() {
-            return Ok(0);
-        }
-        let repo_path = path.to_path_buf();
-        let refs = update_rule::blocking(move || {
-            let repo = piehole_repo::Replica::open(&repo_path)?;
-            let mut complete = BTreeMap::new();
-            for (name, id) in repo.refs()? {
-                if validate::ref_name(&name).is_ok() && repo.is_complete(&id)? {
-                    complete.insert(name, id);
-                }
-            }
-            Ok(complete)
-        })
-        .await
-        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    async fn seed(&self, group: &str, path: &Path) -> Result<u64, Status> {
+        let refs = complete_refs(path).await?;
         let mut seeded = 0;
         for (name, id) in refs {
             let out = self
@@ -90,6 +98,34 @@ impl LocalService {
         Ok(seeded)
     }
 
+    /// Refs of the repository that following the group would delete, or
+    /// move to a commit that does not contain them: name -> local value.
+    async fn would_lose(
+        &self,
+        path: &Path,
+        view: &GroupView,
+    ) -> Result<BTreeMap<String, String>, Status> {
+        let p = path.to_path_buf();
+        let consensus: BTreeMap<String, String> = view
+            .refs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.value.clone()))
+            .collect();
+        blocking(move || {
+            let repo = Replica::open(&p)?;
+            Ok(repo
+                .refs()?
+                .into_iter()
+                .filter(|(name, local)| match consensus.get(name) {
+                    None => true,
+                    Some(c) => c != local && !repo.is_descendant(c, local),
+                })
+                .collect())
+        })
+        .await
+        .map_err(repo_status)
+    }
+
     async fn hook_group(&self, given: &str) -> Result<(PathBuf, String), Status> {
         let path = repo_path(given)?;
         let group = self.replicator.group_at(&path).ok_or_else(|| {
@@ -100,6 +136,13 @@ impl LocalService {
         })?;
         Ok((path, group))
     }
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[tonic::async_trait]
@@ -147,6 +190,8 @@ impl Local for LocalService {
             refs,
             lag,
             backend: s.backend.to_string(),
+            request_timeout_ms: self.request_timeout.as_millis() as u64,
+            durability: self.durability.to_string(),
         }))
     }
 
@@ -155,7 +200,12 @@ impl Local for LocalService {
         check_ref(&r.group, &r.ref_name, &[&r.expected, &r.new])?;
         let out = self
             .consensus
-            .cas(&r.group, &r.ref_name, opt(&r.expected), opt(&r.new))
+            .cas(
+                &r.group,
+                &r.ref_name,
+                opt(&r.expected).as_deref(),
+                opt(&r.new).as_deref(),
+            )
             .await
             .map_err(consensus_status)?;
         Ok(Response::new(pb::CasReply {
@@ -201,7 +251,7 @@ impl Local for LocalService {
         validate::group_name(&r.group).map_err(invalid)?;
         let path = repo_path(&r.path)?;
         let check = path.clone();
-        update_rule::blocking(move || piehole_repo::Replica::open(&check).map(|_| ()))
+        blocking(move || Replica::open(&check).map(|_| ()))
             .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if let Some(other) = self.replicator.group_at(&path).filter(|g| g != &r.group) {
@@ -213,15 +263,48 @@ impl Local for LocalService {
         let path_s = path
             .to_str()
             .ok_or_else(|| Status::invalid_argument("repository path is not UTF-8"))?;
-        // Seed before registering: once registered, the replicator makes the
-        // repository follow the (empty) group and its refs would be gone.
-        let seeded = self.seed_empty_group(&r.group, &path).await?;
+        let me = self.consensus.node_id();
+        let view = self
+            .consensus
+            .group(&r.group, true)
+            .await
+            .map_err(consensus_status)?;
+        let mut reply = pb::RegisterReply::default();
+        if view.replicas.get(&me).map(String::as_str) == Some(path_s) {
+            // Already this group's replica here: it follows the group already.
+        } else if view.replicas.is_empty() {
+            // Seed before registering: once registered, the replicator makes
+            // the repository follow the (empty) group and its refs would be
+            // gone. A seed cut short (no quorum, say) is finished by running
+            // install again.
+            reply.seeded = self.seed(&r.group, &path).await?;
+        } else {
+            let lose = self.would_lose(&path, &view).await?;
+            if !lose.is_empty() && !r.force {
+                let names: Vec<&str> = lose.keys().map(String::as_str).collect();
+                return Err(Status::failed_precondition(format!(
+                    "group {} already has replicas, and following it would delete or rewind {} ref(s) of this repository: {}; \
+                     `piehole install --force` joins anyway and keeps them under refs/piehole/kept/",
+                    r.group,
+                    lose.len(),
+                    names.join(", ")
+                )));
+            }
+            if !lose.is_empty() {
+                let (p, prefix) = (path.clone(), format!("refs/piehole/kept/{}/", unix_secs()));
+                reply.saved = blocking(move || {
+                    Replica::open(&p)?.keep_under(&prefix, &lose, "piehole: install --force")
+                })
+                .await
+                .map_err(repo_status)?;
+            }
+        }
         self.consensus
-            .register(&r.group, self.consensus.node_id(), path_s)
+            .register(&r.group, me, path_s)
             .await
             .map_err(consensus_status)?;
         self.replicator.nudge(&r.group);
-        Ok(Response::new(pb::RegisterReply { seeded }))
+        Ok(Response::new(reply))
     }
 
     async fn clobber(
@@ -229,57 +312,136 @@ impl Local for LocalService {
         req: Request<pb::ClobberRequest>,
     ) -> Result<Response<pb::ClobberReply>, Status> {
         let r = req.into_inner();
-        validate::group_name(&r.group).map_err(invalid)?;
-        let mut refs = BTreeMap::new();
-        for c in r.refs {
-            check_ref(&r.group, &c.ref_name, &[&c.value])?;
-            if c.value.is_empty() {
-                return Err(Status::invalid_argument(format!(
-                    "{}: empty value",
-                    c.ref_name
-                )));
+        let path = repo_path(&r.repo_path)?;
+        let group = self.replicator.group_at(&path).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "{} is not a registered replica of any group on this node; \
+                 clobber from a replica installed with `piehole install`",
+                path.display()
+            ))
+        })?;
+        let p = path.clone();
+        let local = blocking(move || {
+            let repo = Replica::open(&p)?;
+            let mut refs = BTreeMap::new();
+            for (name, id) in repo.refs()? {
+                if validate::ref_name(&name).is_err() {
+                    continue;
+                }
+                if !repo.is_complete(&id)? {
+                    return Err(piehole_repo::RepoError::MissingObject(format!(
+                        "{id} ({name} points at it, but its history is incomplete here; refusing to make it the consensus)"
+                    )));
+                }
+                refs.insert(name, id);
             }
-            refs.insert(c.ref_name, c.value);
-        }
-        self.consensus
-            .clobber(&r.group, refs)
+            Ok(refs)
+        })
+        .await
+        .map_err(repo_status)?;
+        let view = self
+            .consensus
+            .group(&group, true)
             .await
             .map_err(consensus_status)?;
-        Ok(Response::new(pb::ClobberReply {}))
+        let removed: BTreeSet<&String> = view
+            .refs
+            .keys()
+            .filter(|name| !local.contains_key(*name))
+            .collect();
+        if !removed.is_empty() && !r.prune {
+            let names: Vec<&str> = removed.iter().map(|s| s.as_str()).collect();
+            return Err(Status::failed_precondition(format!(
+                "this repository lacks {} ref(s) the group has: {}; `piehole clobber --prune` removes them from the group",
+                names.len(),
+                names.join(", ")
+            )));
+        }
+        let reply = pb::ClobberReply {
+            group: group.clone(),
+            refs: local.len() as u64,
+            removed: removed.len() as u64,
+        };
+        self.consensus
+            .clobber(&group, local)
+            .await
+            .map_err(consensus_status)?;
+        Ok(Response::new(reply))
     }
 
-    async fn hook_update(
+    async fn hook_push(
         &self,
-        req: Request<pb::HookUpdateRequest>,
-    ) -> Result<Response<pb::HookUpdateReply>, Status> {
+        req: Request<pb::HookPushRequest>,
+    ) -> Result<Response<pb::HookPushReply>, Status> {
         let r = req.into_inner();
-        validate::object_id(&r.old).map_err(invalid)?;
-        validate::object_id(&r.new).map_err(invalid)?;
-        if r.ref_name.starts_with("refs/remotes/") || !r.ref_name.starts_with("refs/") {
-            // Not replicated: git decides alone.
-            return Ok(Response::new(pb::HookUpdateReply {
-                accepted: true,
-                message: String::new(),
-            }));
+        if r.updates.is_empty() || r.updates.len() > MAX_PUSH_REFS {
+            return Err(Status::invalid_argument(format!(
+                "a push carries 1 to {MAX_PUSH_REFS} ref updates, not {}",
+                r.updates.len()
+            )));
         }
-        validate::ref_name(&r.ref_name).map_err(invalid)?;
+        if r.git_moves_refs && r.updates.len() != 1 {
+            return Err(Status::invalid_argument(
+                "the update hook reports exactly one ref",
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        let mut updates = Vec::with_capacity(r.updates.len());
+        for u in r.updates {
+            validate::ref_name(&u.ref_name).map_err(invalid)?;
+            validate::object_id(&u.old).map_err(invalid)?;
+            validate::object_id(&u.new).map_err(invalid)?;
+            if !seen.insert(u.ref_name.clone()) {
+                return Err(Status::invalid_argument(format!(
+                    "{} appears twice in one push",
+                    u.ref_name
+                )));
+            }
+            updates.push(Proposed {
+                ref_name: u.ref_name,
+                old: opt(&u.old),
+                new: opt(&u.new),
+            });
+        }
         let (path, group) = self.hook_group(&r.repo_path).await?;
-        let decision = update_rule::decide(
-            self.consensus.as_ref(),
-            &self.replicator,
-            &group,
-            &path,
-            &r.ref_name,
-            opt(&r.old).map(String::from),
-            opt(&r.new).map(String::from),
-        )
-        .await
-        .map_err(consensus_status)?;
-        let (accepted, message) = match decision {
-            Decision::Accept => (true, String::new()),
-            Decision::Reject(m) => (false, m),
-        };
-        Ok(Response::new(pb::HookUpdateReply { accepted, message }))
+        let names: Vec<String> = updates.iter().map(|u| u.ref_name.clone()).collect();
+        let (git_moves_refs, atomic) = (r.git_moves_refs, r.atomic);
+        // Detached: a hook that dies (or times out) mid-call must not cut the
+        // push in half; once the consensus decided, the replica follows.
+        let pushes = self.pushes.clone();
+        let task = tokio::spawn(async move {
+            if git_moves_refs {
+                let update = updates.into_iter().next().expect("checked: one update");
+                pushes
+                    .update_hook(&group, &path, update)
+                    .await
+                    .map(|v| vec![v])
+            } else {
+                pushes.push(&group, &path, updates, atomic).await
+            }
+        });
+        let verdicts = task
+            .await
+            .map_err(|e| Status::internal(format!("push task failed: {e}")))?
+            .map_err(consensus_status)?;
+        Ok(Response::new(pb::HookPushReply {
+            verdicts: verdicts
+                .into_iter()
+                .zip(names)
+                .map(|(v, ref_name)| match v {
+                    Verdict::Accept => pb::RefVerdict {
+                        ref_name,
+                        accepted: true,
+                        message: String::new(),
+                    },
+                    Verdict::Reject(message) => pb::RefVerdict {
+                        ref_name,
+                        accepted: false,
+                        message,
+                    },
+                })
+                .collect(),
+        }))
     }
 
     async fn hook_post_update(
@@ -288,7 +450,8 @@ impl Local for LocalService {
     ) -> Result<Response<pb::HookPostUpdateReply>, Status> {
         let r = req.into_inner();
         let (_, group) = self.hook_group(&r.repo_path).await?;
-        self.replicator.release(&group, &r.ref_names);
+        // git has moved these refs: the holds whose values landed end at the
+        // replicator's next look, which this asks for now.
         self.replicator.nudge(&group);
         Ok(Response::new(pb::HookPostUpdateReply {}))
     }

@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::{mpsc, Arc};
 
-use piehole_protocol::limits::{FROM_HEADER, PACK_CHUNK_BYTES, SECRET_HEADER};
+use piehole_protocol::limits::{FROM_HEADER, SECRET_HEADER};
 use piehole_protocol::pb::{self, peer_server::Peer};
 use piehole_protocol::validate;
 use prost::Message as _;
 use protobuf::Message as _;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
 use super::invalid;
@@ -125,16 +125,36 @@ impl Peer for PeerService {
             }
             validate::object_id(id).map_err(invalid)?;
         }
-        let pack = self
+        let chunks = self
             .replicator
             .serve_pack(&req.group, req.wants, req.haves)
             .await
             .map_err(Status::not_found)?;
-        let chunks: Vec<Result<pb::PackChunk, Status>> = pack
-            .chunks(PACK_CHUNK_BYTES)
-            .map(|c| Ok(pb::PackChunk { data: c.to_vec() }))
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        let stream = tokio_stream::wrappers::ReceiverStream::new(chunks)
+            .map(|c| c.map_err(Status::internal));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn store_objects(
+        &self,
+        req: Request<pb::StoreObjectsRequest>,
+    ) -> Result<Response<pb::StoreObjectsReply>, Status> {
+        let req = req.into_inner();
+        validate::group_name(&req.group).map_err(invalid)?;
+        if req.wants.is_empty() {
+            return Err(Status::invalid_argument("store with no wants"));
+        }
+        for id in &req.wants {
+            if id.is_empty() {
+                return Err(Status::invalid_argument("empty object id"));
+            }
+            validate::object_id(id).map_err(invalid)?;
+        }
+        self.replicator
+            .store_objects(&req.group, req.wants, req.source)
+            .await
+            .map_err(Status::unavailable)?;
+        Ok(Response::new(pb::StoreObjectsReply {}))
     }
 
     async fn peer_status(

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use thiserror::Error;
 use tokio::sync::broadcast;
 
-pub use crate::state::{GroupView, RefValue};
+pub use crate::state::{GroupView, RefOutcome, RefValue};
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ConsensusError {
@@ -40,11 +40,12 @@ pub enum ConsensusError {
     ShuttingDown,
 }
 
+/// One ref's compare-and-swap within a push. `None` is "absent".
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CasResult {
-    pub applied: bool,
-    /// The consensus value after the operation; the winner's when not applied.
-    pub current: Option<String>,
+pub struct RefUpdate {
+    pub ref_name: String,
+    pub expected: Option<String>,
+    pub new: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -73,13 +74,33 @@ pub struct ClusterStatus {
 pub trait Consensus: Send + Sync + 'static {
     fn node_id(&self) -> u64;
 
+    /// Compare-and-swap of several refs of one group, decided in one step:
+    /// per ref, or all or nothing when `atomic`. One outcome per update, in
+    /// order.
+    async fn update_refs(
+        &self,
+        group: &str,
+        updates: Vec<RefUpdate>,
+        atomic: bool,
+    ) -> Result<Vec<RefOutcome>, ConsensusError>;
+
+    /// One ref's compare-and-swap.
     async fn cas(
         &self,
         group: &str,
         ref_name: &str,
         expected: Option<&str>,
         new: Option<&str>,
-    ) -> Result<CasResult, ConsensusError>;
+    ) -> Result<RefOutcome, ConsensusError> {
+        let update = RefUpdate {
+            ref_name: ref_name.to_string(),
+            expected: expected.map(String::from),
+            new: new.map(String::from),
+        };
+        let mut out = self.update_refs(group, vec![update], false).await?;
+        out.pop()
+            .ok_or_else(|| ConsensusError::Refused("no outcome for the update".into()))
+    }
 
     /// Replaces every consensus ref of `group` with `refs` (name -> id).
     async fn clobber(
@@ -93,6 +114,10 @@ pub trait Consensus: Send + Sync + 'static {
 
     async fn group(&self, group: &str, linearizable: bool) -> Result<GroupView, ConsensusError>;
 
+    /// A group as this node's applied state has it now (no round trip);
+    /// refs and replicas as of one applied index.
+    fn local_group(&self, group: &str) -> Result<GroupView, ConsensusError>;
+
     /// Groups known to this node's applied state.
     fn groups(&self) -> Vec<String>;
 
@@ -104,6 +129,13 @@ pub trait Consensus: Send + Sync + 'static {
 
     /// Names of groups as their state changes on this node.
     fn subscribe(&self) -> broadcast::Receiver<String>;
+
+    /// Returns once this node's state has caught up with everything it knew
+    /// to be committed when it started (after a crash, state written but not
+    /// flushed is replayed from the log). Until then the local state may be
+    /// older than what the replicas were already moved to, so nothing may
+    /// move a local ref on its word.
+    async fn wait_replayed(&self);
 
     fn status(&self) -> ClusterStatus;
 

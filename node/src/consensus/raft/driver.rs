@@ -11,14 +11,18 @@ use prost::Message as _;
 use raft::prelude::{Entry, EntryType, Message, Snapshot};
 use raft::{RawNode, SnapshotStatus};
 
+use super::proposals::Proposals;
 use super::storage::RaftStorage;
-use super::{RaftProgress, Waiters};
+use super::RaftProgress;
 use crate::config::NodeConfig;
 use crate::state::StateMachine;
 
 pub enum DriverMsg {
     /// An encoded `pb::Command` to append to the log.
-    Propose(Vec<u8>),
+    Propose {
+        request_id: u64,
+        data: Vec<u8>,
+    },
     /// Messages from a peer.
     Raft(Vec<Message>),
     Unreachable(u64),
@@ -33,7 +37,7 @@ pub struct Driver {
     state: Arc<StateMachine>,
     inbox: mpsc::Receiver<DriverMsg>,
     outbox: Box<dyn Fn(Vec<Message>) + Send>,
-    waiters: Arc<Waiters>,
+    proposals: Arc<Proposals>,
     progress: Arc<Mutex<RaftProgress>>,
     tick: Duration,
     /// Compact the log once this many entries were applied since the last snapshot point.
@@ -83,7 +87,7 @@ impl Driver {
         state: Arc<StateMachine>,
         inbox: mpsc::Receiver<DriverMsg>,
         outbox: Box<dyn Fn(Vec<Message>) + Send>,
-        waiters: Arc<Waiters>,
+        proposals: Arc<Proposals>,
         progress: Arc<Mutex<RaftProgress>>,
     ) -> anyhow::Result<Self> {
         let raft_config = raft::Config {
@@ -108,12 +112,17 @@ impl Driver {
             state,
             inbox,
             outbox,
-            waiters,
+            proposals,
             progress,
             tick: config.tick,
             snapshot_interval: config.snapshot_interval,
             snapshots_installed: 0,
         })
+    }
+
+    /// The commit index as stored on disk when the node started.
+    pub fn committed_at_start(&self) -> u64 {
+        self.raw.raft.raft_log.committed
     }
 
     pub fn run(mut self) -> anyhow::Result<()> {
@@ -140,10 +149,11 @@ impl Driver {
 
     fn handle(&mut self, msg: DriverMsg) {
         match msg {
-            DriverMsg::Propose(data) => {
-                // A dropped proposal (no leader yet) is offered again by its caller.
+            DriverMsg::Propose { request_id, data } => {
+                // No leader known, say: its proposer offers it again.
                 if let Err(e) = self.raw.propose(vec![], data) {
                     tracing::debug!(error = %e, "proposal dropped");
+                    self.proposals.mark_lost(request_id);
                 }
             }
             DriverMsg::Raft(msgs) => {
@@ -192,7 +202,11 @@ impl Driver {
         }
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
+            // On disk before anything it covers is applied: after a crash,
+            // the state is replayed up to the stored commit index before
+            // local refs may follow it again (see `wait_replayed`).
             self.raw.store().set_commit(commit)?;
+            self.raw.store().flush()?;
         }
         (self.outbox)(light.take_messages());
         self.apply(light.take_committed_entries())?;
@@ -208,20 +222,8 @@ impl Driver {
         self.raw.mut_store().apply_snapshot(snap)?;
         self.raw.store().flush()?;
         self.snapshots_installed += 1;
-        // Our own proposals the snapshot already covers never come out of
-        // the log here; the snapshot remembers their outcomes.
-        let me = self.raw.raft.id;
-        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        let done: Vec<u64> = waiters
-            .keys()
-            .copied()
-            .filter(|&id| self.state.seen(me, id).is_some())
-            .collect();
-        for id in done {
-            if let (Some(tx), Some(outcome)) = (waiters.remove(&id), self.state.seen(me, id)) {
-                let _ = tx.send(outcome);
-            }
-        }
+        self.proposals
+            .resolve_covered(self.raw.raft.id, &self.state);
         Ok(())
     }
 
@@ -241,14 +243,7 @@ impl Driver {
             };
             let outcome = self.state.apply(entry.index, &cmd)?;
             if cmd.origin_node == self.raw.raft.id {
-                let waiter = self
-                    .waiters
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&cmd.request_id);
-                if let Some(tx) = waiter {
-                    let _ = tx.send(outcome);
-                }
+                self.proposals.resolve(cmd.request_id, outcome);
             }
         }
         Ok(())

@@ -5,13 +5,19 @@
 //! and wait for the node itself to apply it: the origin node resolves its own
 //! waiter when the entry comes out of its log, so a proposal made at a
 //! follower (raft forwards it to the leader) still returns its own result.
+//!
+//! A proposal is offered again only when it may have been lost: the driver
+//! or the transport saw it dropped, or the leader changed (a leader that lost
+//! its term may have discarded it). The state machine answers a second copy
+//! without applying it.
 
 mod driver;
 mod logger;
+mod proposals;
 pub mod storage;
 mod transport;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,26 +25,22 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use piehole_protocol::pb::{self, command::Op};
 use prost::Message as _;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::broadcast;
 
-use super::{CasResult, ClusterStatus, Consensus, ConsensusError, GroupView};
+use super::{ClusterStatus, Consensus, ConsensusError, GroupView, RefOutcome, RefUpdate};
 use crate::config::NodeConfig;
 use crate::peer_client::PeerAuth;
 use crate::state::{Outcome, StateMachine};
 
 pub use driver::DriverMsg;
+use proposals::Proposals;
 pub use transport::PeerHealth;
 
-/// How often a proposal that has not come back is offered again (it may have
-/// been dropped by a leader that lost its term).
-const RESEND_EVERY: Duration = Duration::from_secs(2);
 /// After this long without a reachable majority a proposal fails with
 /// "no quorum" rather than waiting out the whole bound.
 const NO_QUORUM_AFTER: Duration = Duration::from_secs(3);
 /// How often a waiting proposal looks at the cluster's health.
 const POLL: Duration = Duration::from_millis(20);
-
-type Waiters = Mutex<HashMap<u64, oneshot::Sender<Outcome>>>;
 
 /// What the driver publishes after each turn of its loop.
 #[derive(Debug, Clone, Default)]
@@ -64,12 +66,15 @@ pub struct RaftConsensus {
     id: u64,
     peers: BTreeMap<u64, String>,
     inbox: mpsc::Sender<DriverMsg>,
-    waiters: Arc<Waiters>,
+    proposals: Arc<Proposals>,
     state: Arc<StateMachine>,
     progress: Arc<Mutex<RaftProgress>>,
     health: Arc<PeerHealth>,
     next_request: AtomicU64,
     request_timeout: Duration,
+    /// The commit index stored when the node started: the state must reach
+    /// it before local refs may follow the state (see `wait_replayed`).
+    committed_at_start: u64,
 }
 
 impl RaftConsensus {
@@ -77,26 +82,33 @@ impl RaftConsensus {
     /// senders.
     pub fn start(
         config: &NodeConfig,
-        db: sled::Db,
+        disk: Arc<crate::disk::Disk>,
         state: Arc<StateMachine>,
         auth: PeerAuth,
     ) -> anyhow::Result<Started> {
         let (inbox_tx, inbox_rx) = mpsc::channel();
         let health = Arc::new(PeerHealth::default());
-        let outbox = transport::start(config, auth, inbox_tx.clone(), health.clone());
-        let waiters: Arc<Waiters> = Arc::default();
+        let proposals: Arc<Proposals> = Arc::default();
+        let outbox = transport::start(
+            config,
+            auth,
+            health.clone(),
+            proposals.clone(),
+            inbox_tx.clone(),
+        );
         let progress: Arc<Mutex<RaftProgress>> = Arc::default();
         let voters: Vec<u64> = config.peers.keys().copied().collect();
-        let storage = storage::RaftStorage::open(db, state.clone(), &voters)?;
+        let storage = storage::RaftStorage::open(disk, state.clone(), &voters)?;
         let driver = driver::Driver::new(
             config,
             storage,
             state.clone(),
             inbox_rx,
             outbox,
-            waiters.clone(),
+            proposals.clone(),
             progress.clone(),
         )?;
+        let committed_at_start = driver.committed_at_start();
         let handle = std::thread::Builder::new()
             .name("raft-driver".into())
             .spawn(move || driver.run())?;
@@ -104,12 +116,13 @@ impl RaftConsensus {
             id: config.id,
             peers: config.peers.clone(),
             inbox: inbox_tx.clone(),
-            waiters,
+            proposals,
             state,
             progress,
             health,
             next_request: AtomicU64::new(rand::random::<u64>() >> 1),
             request_timeout: config.request_timeout,
+            committed_at_start,
         });
         Ok(Started {
             consensus,
@@ -147,30 +160,36 @@ impl RaftConsensus {
             origin_node: self.id,
             request_id,
             op: Some(op),
+            proposed_after: self.state.applied(),
         }
         .encode_to_vec();
-        let (tx, mut rx) = oneshot::channel();
-        self.waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(request_id, tx);
-        // (when, leader then): a proposal forwarded to a leader that has since
-        // died is lost, so it is offered again at once when the leader changes.
-        let mut sent: Option<(Instant, u64)> = None;
+        let mut waiting = self.proposals.register(request_id);
+        // The leader (and its term) the proposal was last offered to. A
+        // leader that lost its term may have dropped or overwritten it, and
+        // a node that restarts and wins again is the same id in a new term.
+        let mut offered_to: Option<(u64, u64)> = None;
         let mut lost_since: Option<Instant> = None;
         let result = loop {
-            let leader = self.progress().leader_id;
-            let resend = match sent {
+            let progress = self.progress();
+            let leader = (progress.leader_id, progress.term);
+            let offer = match offered_to {
                 None => true,
-                Some((at, was)) => at.elapsed() >= RESEND_EVERY || (leader != 0 && leader != was),
+                Some(was) => {
+                    waiting.lost.load(Ordering::Relaxed) || (leader.0 != 0 && leader != was)
+                }
             };
-            if resend {
-                if self.inbox.send(DriverMsg::Propose(data.clone())).is_err() {
+            if offer && leader.0 != 0 {
+                waiting.lost.store(false, Ordering::Relaxed);
+                let msg = DriverMsg::Propose {
+                    request_id,
+                    data: data.clone(),
+                };
+                if self.inbox.send(msg).is_err() {
                     break Err(ConsensusError::ShuttingDown);
                 }
-                sent = Some((Instant::now(), leader));
+                offered_to = Some(leader);
             }
-            match tokio::time::timeout(POLL, &mut rx).await {
+            match tokio::time::timeout(POLL, &mut waiting.outcome).await {
                 Ok(Ok(outcome)) => break Ok(outcome),
                 Ok(Err(_)) => break Err(ConsensusError::ShuttingDown),
                 Err(_) => {}
@@ -191,10 +210,7 @@ impl RaftConsensus {
                 });
             }
         };
-        self.waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&request_id);
+        self.proposals.forget(request_id);
         result
     }
 
@@ -211,8 +227,8 @@ impl RaftConsensus {
     }
 }
 
-fn opt(s: Option<&str>) -> String {
-    s.unwrap_or_default().to_string()
+fn opt(s: &Option<String>) -> String {
+    s.clone().unwrap_or_default()
 }
 
 fn done(outcome: Outcome) -> Result<(), ConsensusError> {
@@ -228,26 +244,32 @@ impl Consensus for RaftConsensus {
         self.id
     }
 
-    async fn cas(
+    async fn update_refs(
         &self,
         group: &str,
-        ref_name: &str,
-        expected: Option<&str>,
-        new: Option<&str>,
-    ) -> Result<CasResult, ConsensusError> {
-        let op = Op::Cas(pb::CasOp {
+        updates: Vec<RefUpdate>,
+        atomic: bool,
+    ) -> Result<Vec<RefOutcome>, ConsensusError> {
+        let count = updates.len();
+        let op = Op::Push(pb::PushOp {
             group: group.into(),
-            ref_name: ref_name.into(),
-            expected: opt(expected),
-            new: opt(new),
+            updates: updates
+                .iter()
+                .map(|u| pb::RefCas {
+                    ref_name: u.ref_name.clone(),
+                    expected: opt(&u.expected),
+                    new: opt(&u.new),
+                })
+                .collect(),
+            atomic,
             proposer: self.id,
         });
         match self.propose(op).await? {
-            Outcome::Cas { applied, current } => Ok(CasResult { applied, current }),
+            Outcome::Push(out) if out.len() == count => Ok(out),
             Outcome::Refused(why) => Err(ConsensusError::Refused(why)),
-            Outcome::Done => Err(ConsensusError::Refused(
-                "unexpected outcome for a CAS".into(),
-            )),
+            other => Err(ConsensusError::Refused(format!(
+                "unexpected outcome for a push: {other:?}"
+            ))),
         }
     }
 
@@ -287,6 +309,10 @@ impl Consensus for RaftConsensus {
         if linearizable {
             done(self.propose(Op::Read(pb::ReadOp {})).await?)?;
         }
+        self.local_group(group)
+    }
+
+    fn local_group(&self, group: &str) -> Result<GroupView, ConsensusError> {
         self.state
             .group(group)
             .map_err(|e| ConsensusError::Refused(format!("reading state: {e}")))
@@ -306,6 +332,12 @@ impl Consensus for RaftConsensus {
 
     fn subscribe(&self) -> broadcast::Receiver<String> {
         self.state.subscribe()
+    }
+
+    async fn wait_replayed(&self) {
+        while self.state.applied() < self.committed_at_start {
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     fn counts(&self) -> (u64, u64) {

@@ -11,6 +11,7 @@ use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
+use crate::disk::Disk;
 use crate::state::StateMachine;
 
 const HARD_STATE: &[u8] = b"hard_state";
@@ -18,7 +19,7 @@ const CONF_STATE: &[u8] = b"conf_state";
 const SNAPSHOT_META: &[u8] = b"snapshot_meta";
 
 pub struct RaftStorage {
-    db: sled::Db,
+    disk: Arc<Disk>,
     /// Log entries keyed by big-endian index, so sled's order is log order.
     log: sled::Tree,
     /// Hard state, conf state, snapshot metadata.
@@ -38,11 +39,11 @@ impl RaftStorage {
     /// Opens the log in `db`. A fresh log is initialised with `voters` as the
     /// configuration, so every member of a new cluster starts from the same
     /// state and no bootstrap step is needed.
-    pub fn open(db: sled::Db, state: Arc<StateMachine>, voters: &[u64]) -> anyhow::Result<Self> {
+    pub fn open(disk: Arc<Disk>, state: Arc<StateMachine>, voters: &[u64]) -> anyhow::Result<Self> {
         let storage = RaftStorage {
-            log: db.open_tree("raft_log")?,
-            meta: db.open_tree("raft_meta")?,
-            db,
+            log: disk.db().open_tree("raft_log")?,
+            meta: disk.db().open_tree("raft_meta")?,
+            disk,
             state,
         };
         if storage.meta.get(CONF_STATE)?.is_none() {
@@ -56,9 +57,9 @@ impl RaftStorage {
         Ok(storage)
     }
 
+    /// Makes everything written so far durable (fsync, not only sled's flush).
     pub fn flush(&self) -> anyhow::Result<()> {
-        self.db.flush()?;
-        Ok(())
+        self.disk.sync()
     }
 
     pub fn snapshot_metadata(&self) -> raft::Result<SnapshotMetadata> {
@@ -318,9 +319,9 @@ mod tests {
     }
 
     fn open(dir: &tempfile::TempDir) -> RaftStorage {
-        let db = sled::open(dir.path()).unwrap();
-        let state = Arc::new(StateMachine::open(&db).unwrap());
-        RaftStorage::open(db, state, &[1, 2, 3]).unwrap()
+        let disk = Arc::new(Disk::open(&dir.path().join("db")).unwrap());
+        let state = Arc::new(StateMachine::open(disk.db()).unwrap());
+        RaftStorage::open(disk, state, &[1, 2, 3]).unwrap()
     }
 
     #[test]

@@ -1,6 +1,12 @@
 //! Carries raft messages to peers: one sender task per peer, each batching
-//! whatever is queued into one `Peer.Raft` call. A failed send is dropped —
-//! raft retransmits — and reported so the leader stops pipelining to it.
+//! whatever is queued into one `Peer.Raft` call.
+//!
+//! Every call has a short deadline and the connection has HTTP/2 keepalive,
+//! so a peer whose packets vanish is detected in seconds, not at TCP's pace.
+//! When a call fails its batch is gone, and so is whatever queued up behind
+//! it: raft retransmits from its own state (heartbeats, probes), and stale
+//! appends would only delay the fresh ones. Proposals of ours in a lost batch
+//! are flagged so their proposers offer them again.
 
 use std::collections::HashMap;
 use std::sync::{mpsc, Arc, Mutex};
@@ -11,6 +17,7 @@ use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use super::proposals::Proposals;
 use super::DriverMsg;
 use crate::config::NodeConfig;
 use crate::peer_client::{self, PeerAuth};
@@ -19,6 +26,11 @@ use crate::peer_client::{self, PeerAuth};
 const REACHABLE_FOR: Duration = Duration::from_secs(3);
 /// An idle sender pings so reachability stays current on followers too.
 const PING_EVERY: Duration = Duration::from_millis(500);
+/// A batch of appends and heartbeats is answered in milliseconds on a
+/// healthy link; past this the peer is treated as unreachable.
+const CALL_DEADLINE: Duration = Duration::from_secs(2);
+/// Snapshots get extra time for their size, at this pessimistic rate.
+const SNAPSHOT_BYTES_PER_SEC: u64 = 4 * 1024 * 1024;
 const MAX_BATCH: usize = 512;
 /// Keeps one call well under the peer API's message limit.
 const MAX_BATCH_BYTES: u64 = 32 * 1024 * 1024;
@@ -55,8 +67,9 @@ impl PeerHealth {
 pub fn start(
     config: &NodeConfig,
     auth: PeerAuth,
-    inbox: mpsc::Sender<DriverMsg>,
     health: Arc<PeerHealth>,
+    proposals: Arc<Proposals>,
+    inbox: mpsc::Sender<DriverMsg>,
 ) -> Box<dyn Fn(Vec<Message>) + Send> {
     let mut queues: HashMap<u64, UnboundedSender<Message>> = HashMap::new();
     for (&id, addr) in &config.peers {
@@ -72,6 +85,7 @@ pub fn start(
             auth: auth.clone(),
             inbox: inbox.clone(),
             health: health.clone(),
+            proposals: proposals.clone(),
         };
         tokio::spawn(sender.run(rx));
     }
@@ -91,6 +105,7 @@ struct PeerSender {
     auth: PeerAuth,
     inbox: mpsc::Sender<DriverMsg>,
     health: Arc<PeerHealth>,
+    proposals: Arc<Proposals>,
 }
 
 impl PeerSender {
@@ -119,34 +134,70 @@ impl PeerSender {
                     Err(_) => break,
                 }
             }
-            let snapshots: Vec<u64> = batch
+            let has_snapshot = batch
                 .iter()
-                .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
-                .map(|m| m.to)
-                .collect();
-            let messages = batch
-                .iter()
-                .filter_map(|m| m.write_to_bytes().ok())
-                .collect();
+                .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+            let deadline = if has_snapshot {
+                CALL_DEADLINE + Duration::from_secs(bytes / SNAPSHOT_BYTES_PER_SEC)
+            } else {
+                CALL_DEADLINE
+            };
             let req = pb::RaftBatch {
                 from: self.from,
-                messages,
+                messages: batch
+                    .iter()
+                    .filter_map(|m| m.write_to_bytes().ok())
+                    .collect(),
             };
-            match client.raft(req).await {
-                Ok(_) => {
+            let result = match tokio::time::timeout(deadline, client.raft(req)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(status)) => Err(status.message().to_string()),
+                Err(_) => Err(format!("no answer within {deadline:?}")),
+            };
+            match result {
+                Ok(()) => {
                     self.health.mark(self.to);
-                    for to in snapshots {
-                        let _ = self.inbox.send(DriverMsg::SnapshotSent { to, ok: true });
+                    if has_snapshot {
+                        self.report_snapshot(true);
                     }
                 }
-                Err(status) => {
+                Err(why) => {
                     self.health.mark_failed(self.to);
-                    tracing::debug!(peer = self.to, error = %status.message(), "raft send failed");
+                    tracing::debug!(peer = self.to, error = %why, "raft send failed");
+                    // Stale by the time the peer is back; raft resends what matters.
+                    while let Ok(m) = rx.try_recv() {
+                        batch.push(m);
+                    }
+                    self.flag_lost_proposals(&batch);
                     if !batch.is_empty() {
                         let _ = self.inbox.send(DriverMsg::Unreachable(self.to));
                     }
-                    for to in snapshots {
-                        let _ = self.inbox.send(DriverMsg::SnapshotSent { to, ok: false });
+                    if batch
+                        .iter()
+                        .any(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+                    {
+                        self.report_snapshot(false);
+                    }
+                }
+            }
+        }
+    }
+
+    fn report_snapshot(&self, ok: bool) {
+        let _ = self.inbox.send(DriverMsg::SnapshotSent { to: self.to, ok });
+    }
+
+    /// Our proposals forwarded to the leader in a batch that did not arrive.
+    fn flag_lost_proposals(&self, batch: &[Message]) {
+        use prost::Message as _;
+        for m in batch {
+            if m.get_msg_type() != MessageType::MsgPropose {
+                continue;
+            }
+            for e in m.get_entries() {
+                if let Ok(cmd) = pb::Command::decode(&e.data[..]) {
+                    if cmd.origin_node == self.from {
+                        self.proposals.mark_lost(cmd.request_id);
                     }
                 }
             }

@@ -1,0 +1,191 @@
+//! One push, from what git reported to the verdicts git shows: the
+//! operator's receive.* policy, durability, the update rule, then the local
+//! refs. Run detached from the hook's call, so a hook killed midway cannot
+//! cut a push in half: once the consensus decided, the replica follows.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use piehole_repo::Replica;
+
+use crate::consensus::{Consensus, ConsensusError};
+use crate::durability::ObjectQuorum;
+use crate::local_refs::{LocalRefs, Scope};
+use crate::replicator::Replicator;
+use crate::update_rule::{self, blocking, Proposed, Verdict};
+
+/// git's own reflog message for a pushed ref.
+const REFLOG_PUSH: &str = "push";
+
+pub struct Pushes {
+    pub consensus: Arc<dyn Consensus>,
+    pub local_refs: Arc<LocalRefs>,
+    pub replicator: Arc<Replicator>,
+    pub quorum: ObjectQuorum,
+}
+
+impl Pushes {
+    /// Every ref of one push (proc-receive): decided in one consensus step
+    /// (per ref, or all or nothing when `atomic`), then the node moves the
+    /// replica's refs itself.
+    pub async fn push(
+        &self,
+        group: &str,
+        path: &Path,
+        updates: Vec<Proposed>,
+        atomic: bool,
+    ) -> Result<Vec<Verdict>, ConsensusError> {
+        let mut verdicts = policy(path, &updates).await;
+        let refused = verdicts.iter().any(|v| v.is_some());
+        if refused && atomic {
+            return Ok(atomic_refusal(&updates, verdicts));
+        }
+        let allowed: Vec<usize> = (0..updates.len())
+            .filter(|&i| verdicts[i].is_none())
+            .collect();
+        let to_decide: Vec<Proposed> = allowed.iter().map(|&i| updates[i].clone()).collect();
+        let wants: Vec<String> = to_decide
+            .iter()
+            .filter_map(|u| u.new.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let decided = match self.quorum.store(group, wants).await {
+            Ok(()) => {
+                update_rule::decide(self.consensus.as_ref(), group, path, &to_decide, atomic)
+                    .await?
+            }
+            Err(why) => to_decide
+                .iter()
+                .map(|u| Verdict::Reject(format!("{}: {why}; nothing was changed", u.ref_name)))
+                .collect(),
+        };
+        for (i, v) in allowed.into_iter().zip(decided) {
+            verdicts[i] = Some(v);
+        }
+        // Accepted refs move to the group's value (this push's, or a newer
+        // one); refused ones are pulled towards the group's (rule 4).
+        let names = updates.iter().map(|u| u.ref_name.clone()).collect();
+        self.follow(group, path, Scope::Only(names), REFLOG_PUSH)
+            .await;
+        Ok(verdicts
+            .into_iter()
+            .map(|v| v.unwrap_or(Verdict::Accept))
+            .collect())
+    }
+
+    /// One ref from the update hook of git older than 2.29: git moves the
+    /// ref itself after we accept, so it is held for git, not moved.
+    pub async fn update_hook(
+        &self,
+        group: &str,
+        path: &Path,
+        update: Proposed,
+    ) -> Result<Verdict, ConsensusError> {
+        if let Some(Some(refused)) = policy(path, std::slice::from_ref(&update)).await.pop() {
+            return Ok(refused);
+        }
+        let holds = self.local_refs.holds();
+        let token = holds.hold(group, &update.ref_name, update.new.as_deref());
+        // git moves the ref only if it still holds `old`; if something moved
+        // it since git read it, accepting would fail git's update anyway.
+        let (p, name) = (path.to_path_buf(), update.ref_name.clone());
+        let local = blocking(move || Replica::open(&p)?.ref_value(&name)).await;
+        if local.as_ref().ok() != Some(&update.old) {
+            holds.release(group, &update.ref_name, token);
+            let current = self.consensus.local_value(group, &update.ref_name);
+            return Ok(update_rule::reject(&update.ref_name, current.as_deref()));
+        }
+        let decided = update_rule::decide(
+            self.consensus.as_ref(),
+            group,
+            path,
+            std::slice::from_ref(&update),
+            false,
+        )
+        .await;
+        let verdict = match decided {
+            Ok(mut v) => v.pop().unwrap_or(Verdict::Accept),
+            Err(e) => {
+                holds.release(group, &update.ref_name, token);
+                return Err(e);
+            }
+        };
+        if verdict != Verdict::Accept {
+            holds.release(group, &update.ref_name, token);
+            let names = BTreeSet::from([update.ref_name.clone()]);
+            self.follow(
+                group,
+                path,
+                Scope::Only(names),
+                "piehole: catch up with the group",
+            )
+            .await;
+        }
+        Ok(verdict)
+    }
+
+    /// Moves the replica's refs in `scope` to the group's values; asks the
+    /// replicator for whatever objects are missing.
+    async fn follow(&self, group: &str, path: &Path, scope: Scope, message: &'static str) {
+        match self.local_refs.sync(group, path, scope, message).await {
+            Ok(s) if s.missing.is_empty() => {}
+            Ok(_) => self.replicator.nudge(group),
+            Err(e) => {
+                tracing::warn!(group, error = %e, "could not move the replica's refs; the replicator will");
+                self.replicator.nudge(group);
+            }
+        }
+    }
+}
+
+/// The operator's receive.denyDeletes and receive.denyNonFastForwards, which
+/// git leaves to the hook for refs a proc-receive hook handles.
+async fn policy(path: &Path, updates: &[Proposed]) -> Vec<Option<Verdict>> {
+    let p = path.to_path_buf();
+    let list = updates.to_vec();
+    let checked = blocking(move || {
+        let repo = Replica::open(&p)?;
+        let deny_deletes = repo.config_bool("receive.denyDeletes")?;
+        let deny_non_ff = repo.config_bool("receive.denyNonFastForwards")?;
+        Ok(list
+            .iter()
+            .map(|u| match (&u.old, &u.new) {
+                (Some(_), None) if deny_deletes => Some(Verdict::Reject(format!(
+                    "{}: deletion prohibited (receive.denyDeletes)",
+                    u.ref_name
+                ))),
+                (Some(old), Some(new)) if deny_non_ff && !repo.is_descendant(new, old) => {
+                    Some(Verdict::Reject(format!(
+                        "{}: non-fast-forward (receive.denyNonFastForwards)",
+                        u.ref_name
+                    )))
+                }
+                _ => None,
+            })
+            .collect())
+    })
+    .await;
+    checked.unwrap_or_else(|e| {
+        updates
+            .iter()
+            .map(|u| Some(Verdict::Reject(format!("{}: {e}", u.ref_name))))
+            .collect()
+    })
+}
+
+fn atomic_refusal(updates: &[Proposed], verdicts: Vec<Option<Verdict>>) -> Vec<Verdict> {
+    updates
+        .iter()
+        .zip(verdicts)
+        .map(|(u, v)| {
+            v.unwrap_or_else(|| {
+                Verdict::Reject(format!(
+                    "{}: not changed, because another ref of this atomic push was refused",
+                    u.ref_name
+                ))
+            })
+        })
+        .collect()
+}

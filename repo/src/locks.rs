@@ -1,0 +1,48 @@
+//! Lock files left behind by a killed process. git and libgit2 take a ref's
+//! lock by creating `<ref>.lock` and drop it by renaming or removing it; a
+//! process killed in between leaves the file, and from then on every update
+//! of that ref fails ("locked") until someone removes it. git leaves that
+//! to a human; a node that was SIGKILLed while moving a ref cannot wait for
+//! one, so a lock that no living writer can hold is removed.
+
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+/// No ref transaction holds a lock this long.
+const STALE_AFTER: Duration = Duration::from_secs(30);
+/// A lock older than this process and at least this old is a dead
+/// predecessor's: writers hold ref locks for milliseconds.
+const STALE_FROM_BEFORE_START: Duration = Duration::from_secs(2);
+
+static STARTED: OnceLock<SystemTime> = OnceLock::new();
+
+/// Notes when this process began using repositories.
+pub(crate) fn note_start() {
+    STARTED.get_or_init(SystemTime::now);
+}
+
+/// Removes `lock` if it is stale; true if it was (and is now gone).
+pub(crate) fn clear_if_stale(lock: &Path) -> bool {
+    let Ok(modified) = lock.metadata().and_then(|m| m.modified()) else {
+        return false;
+    };
+    let age = SystemTime::now()
+        .duration_since(modified)
+        .unwrap_or(Duration::ZERO);
+    let before_start = STARTED.get().is_some_and(|s| modified < *s);
+    let stale = age >= STALE_AFTER || (before_start && age >= STALE_FROM_BEFORE_START);
+    if !stale {
+        return false;
+    }
+    match std::fs::remove_file(lock) {
+        Ok(()) => {
+            tracing::warn!(lock = %lock.display(), age_s = age.as_secs(), "removed a stale lock file left by a killed process");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(lock = %lock.display(), error = %e, "cannot remove a stale lock file");
+            false
+        }
+    }
+}
