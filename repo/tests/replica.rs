@@ -254,6 +254,27 @@ fn set_ref_honours_the_lock_a_concurrent_push_holds() {
     assert_eq!(git(&h.bare, &["rev-parse", "refs/heads/main"]), h.c2);
 }
 
+/// A lock no writer can still hold (a killed process's) is removed and the
+/// update goes through; a fresh one is a live writer's and is honoured.
+#[test]
+fn set_ref_removes_a_stale_lock_but_not_a_fresh_one() {
+    let root = tempfile::tempdir().unwrap();
+    let h = history(root.path());
+    let r = Replica::open(&h.bare).unwrap();
+    let lock = h.bare.join("refs/heads/main.lock");
+    fs::write(&lock, format!("{}\n", h.c1)).unwrap();
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    fs::File::options()
+        .write(true)
+        .open(&lock)
+        .and_then(|f| f.set_modified(old))
+        .unwrap();
+    r.set_ref("refs/heads/main", Some(&h.c3), Some(&h.c2), "after a crash")
+        .unwrap();
+    assert!(!lock.exists());
+    assert_eq!(git(&h.bare, &["rev-parse", "refs/heads/main"]), h.c2);
+}
+
 #[test]
 fn set_ref_sees_a_change_made_by_git_after_open() {
     let root = tempfile::tempdir().unwrap();
