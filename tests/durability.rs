@@ -90,7 +90,7 @@ fn now() -> f64 {
 
 /// The first call after `since` that is an fsync or fdatasync of a path
 /// matching `wanted`.
-fn synced<'a>(calls: &'a [Call], since: f64, wanted: impl Fn(&str) -> bool) -> Option<&'a Call> {
+fn synced(calls: &[Call], since: f64, wanted: impl Fn(&str) -> bool) -> Option<&Call> {
     calls
         .iter()
         .filter(|c| c.at >= since && (c.name == "fsync" || c.name == "fdatasync"))
