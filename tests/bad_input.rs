@@ -304,9 +304,10 @@ fn oversize_message_on_the_local_api_is_refused() {
     let rt = runtime();
     rt.block_on(async {
         let mut client = c.client(1).await;
-        let huge = format!("refs/heads/{}", "x".repeat(5 * 1024 * 1024));
+        // Beyond the local API's limit (64 MiB: a push of 100,000 refs fits).
+        let huge = format!("refs/heads/{}", "x".repeat(65 * 1024 * 1024));
         let r = client.cas("g", &huge, None, Some(&oid(9))).await;
-        let e = r.expect_err("a 5 MB ref name was accepted");
+        let e = r.expect_err("a 65 MB ref name was accepted");
         // Refused by the node's message limit, not lost on the way.
         assert!(
             !e.is_unreachable() && e.to_string().contains("too large"),
@@ -314,6 +315,8 @@ fn oversize_message_on_the_local_api_is_refused() {
         );
         let r = client.refs(&"g".repeat(5 * 1024 * 1024), true).await;
         assert!(r.is_err(), "a 5 MB group name was accepted");
+        let r = client.refs(&"g".repeat(65 * 1024 * 1024), true).await;
+        assert!(r.is_err(), "a 65 MB group name was accepted");
         // The same connection (or a new one) still works.
         let mut fresh = c.client(1).await;
         fresh

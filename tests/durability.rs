@@ -49,14 +49,19 @@ fn trace(pid: u32, out: &Path) -> ChildGuard {
         .spawn()
         .expect("strace is needed for this test (apt-get install strace)");
     let guard = ChildGuard(child);
+    // Attached for real: every thread of the process has a tracer.
+    let traced = |task: std::fs::DirEntry| {
+        std::fs::read_to_string(task.path().join("status")).is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+        })
+    };
     poll_until(
-        &format!("strace to attach to {pid}"),
+        &format!("strace to attach to every thread of {pid}"),
         Duration::from_secs(10),
         || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|s| s.contains("attached"))
-                .map(drop)
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+            tasks.flatten().all(traced).then_some(())
         },
     );
     guard
@@ -286,4 +291,16 @@ fn quorum_durability_loses_nothing_when_the_origin_is_destroyed_at_once() {
     for r in survivors {
         git::fsck(r);
     }
+}
+
+/// A one-node cluster with `--durability quorum` is its own majority:
+/// pushes work (found in review: every push was refused).
+#[test]
+fn quorum_durability_on_a_single_node_accepts_pushes() {
+    let c = Cluster::start_with(1, &["--durability", "quorum"]);
+    let reps = git::replicas(&c, GROUP);
+    let user = Work::new(&c, "solo");
+    let c1 = user.commit("c1");
+    user.push_ok(&reps[0], &["main"]);
+    assert_eq!(git::consensus(&c, 1, GROUP).get(MAIN), Some(&c1));
 }

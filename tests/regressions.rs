@@ -536,6 +536,17 @@ fn install_into_a_group_refuses_to_delete_the_new_repositorys_own_branches() {
         err.contains(MINE) && err.contains("--force"),
         "the refusal names {MINE} and --force:\n{err}"
     );
+    // Refused before anything was written (found in review): a repository
+    // with piehole's hooks but no registration would refuse every push.
+    assert!(
+        !third.join("hooks/proc-receive").exists(),
+        "a refused install left piehole's hook behind"
+    );
+    let group_set = git::git(&third, &["config", "piehole.group"]);
+    assert!(
+        !group_set.status.success(),
+        "a refused install wrote piehole.group"
+    );
     wait_for_reconcile_pass(&c, &witness, &c2);
     assert_eq!(
         git::rev_parse_ref(&third, MINE),
@@ -669,4 +680,61 @@ fn replicas_that_only_receive_through_piehole_are_repacked() {
         || format!("{} packs in {}", packs(&reps[1]), reps[1].display()),
     );
     git::fsck(&reps[1]);
+}
+
+/// Found in review: with refs/heads/a in the group, a push creating
+/// refs/heads/a/b was acknowledged, though no replica could ever hold both
+/// (a ref cannot also be a directory). It must be refused, naming the ref
+/// in the way, and the consensus must not have it.
+#[test]
+fn a_ref_that_would_be_a_directory_of_another_is_refused() {
+    let c = cluster();
+    let (reps, user, _) = group_with_main(&c);
+    let out = user.push(&reps[1], &["main:refs/heads/main/sub"]);
+    git::assert_failed_with(
+        &out,
+        "a push of refs/heads/main/sub",
+        "refs/heads/main exists",
+    );
+    assert!(!git::consensus(&c, 1, GROUP).contains_key("refs/heads/main/sub"));
+    let c2 = user.commit("c2");
+    user.push_ok(&reps[1], &["main"]);
+    git::wait_converged(&c, &reps, MAIN, Some(&c2));
+    for r in &reps {
+        let out = git::check(r);
+        git::assert_ok(&out, &format!("check in {}", r.display()));
+    }
+}
+
+/// Found in review: git applies refs the proc-receive hook lets fall through
+/// (refs/remotes/) in its own transaction, after the consensus took the
+/// rest, so an atomic push mixing both could not be all or nothing. It is
+/// refused whole, and nothing moves.
+#[test]
+fn an_atomic_push_mixing_replicated_and_local_refs_is_refused_whole() {
+    let c = cluster();
+    let (reps, user, c1) = group_with_main(&c);
+    let c2 = user.commit("c2");
+    let out = user.git(&[
+        "push",
+        "--atomic",
+        reps[0].to_str().unwrap(),
+        "main",
+        "main:refs/remotes/mirror/main",
+    ]);
+    git::assert_failed_with(
+        &out,
+        "an atomic push with a refs/remotes/ ref",
+        "atomic push cannot mix",
+    );
+    assert_eq!(git::consensus(&c, 1, GROUP).get(MAIN), Some(&c1));
+    assert_eq!(git::rev_parse_ref(&reps[0], MAIN), Some(c1.clone()));
+    assert_eq!(
+        git::rev_parse_ref(&reps[0], "refs/remotes/mirror/main"),
+        None
+    );
+    // Each on its own is fine.
+    user.push_ok(&reps[0], &["main"]);
+    user.push_ok(&reps[0], &["main:refs/remotes/mirror/main"]);
+    git::wait_converged(&c, &reps, MAIN, Some(&c2));
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
+use piehole_protocol::limits::MAX_MESSAGE_BYTES;
 use piehole_protocol::pb::{self, local_client::LocalClient as Grpc};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -98,7 +99,8 @@ impl LocalClient {
                     unreachable(src)
                 })?;
         Ok(LocalClient {
-            grpc: Grpc::new(channel),
+            // Sending is not capped here: the node judges what it accepts.
+            grpc: Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
         })
     }
 
@@ -154,16 +156,19 @@ impl LocalClient {
     /// Registers the repository at `path` as this node's replica of
     /// `group`; `force` joins a group whose refs would replace some of the
     /// repository's own (which are kept under refs/piehole/kept/).
+    /// `dry_run` only checks that it would be accepted, changing nothing.
     pub async fn register(
         &mut self,
         group: &str,
         path: &Path,
         force: bool,
+        dry_run: bool,
     ) -> Result<pb::RegisterReply, ClientError> {
         let req = pb::RegisterRequest {
             group: group.into(),
             path: path.to_string_lossy().into_owned(),
             force,
+            dry_run,
         };
         Ok(self.grpc.register(req).await?.into_inner())
     }

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
 use piehole_protocol::pb;
 use tokio::task::JoinSet;
@@ -56,19 +56,24 @@ pub struct ObjectQuorum {
     /// Every member, this node included.
     pub peers: BTreeMap<u64, String>,
     pub auth: PeerAuth,
-    pub timeout: Duration,
 }
 
 impl ObjectQuorum {
     /// Ok once `wants` of `group` are stored on a majority of the cluster
-    /// (this node included), or at once with `local` durability.
-    pub async fn store(&self, group: &str, wants: Vec<String>) -> Result<(), String> {
-        if self.level == Durability::Local || wants.is_empty() {
+    /// (this node included), or at once with `local` durability. Gives up
+    /// at `deadline`: a push that cannot reach a majority in time is refused.
+    pub async fn store(
+        &self,
+        group: &str,
+        wants: Vec<String>,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        // This node has the objects; a majority needs this many more.
+        let needed = self.peers.len() / 2;
+        if self.level == Durability::Local || wants.is_empty() || needed == 0 {
             return Ok(());
         }
         let me = self.consensus.node_id();
-        // This node has the objects; a majority needs this many more.
-        let needed = self.peers.len() / 2;
         let view = self
             .consensus
             .local_group(group)
@@ -92,7 +97,8 @@ impl ObjectQuorum {
                 wants: wants.clone(),
                 source: me,
             };
-            let (auth, timeout) = (self.auth.clone(), self.timeout);
+            let auth = self.auth.clone();
+            let timeout = deadline.saturating_duration_since(Instant::now());
             calls.spawn(async move {
                 let mut client = peer_client::connect(&addr, &auth).map_err(|e| e.to_string())?;
                 match tokio::time::timeout(timeout, client.store_objects(req)).await {

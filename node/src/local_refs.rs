@@ -71,11 +71,15 @@ impl LocalRefs {
     /// Moves every ref in `scope` whose consensus value is complete here to
     /// that value (deleting refs the consensus lacks), keeping any tip a move
     /// would lose under `refs/piehole/displaced/`.
+    /// `complete` are values known to be complete here already (git checked
+    /// a push's objects before running the hook), whose history need not be
+    /// walked again.
     pub async fn sync(
         &self,
         group: &str,
         path: &Path,
         scope: Scope,
+        complete: BTreeSet<String>,
         message: &'static str,
     ) -> Result<Synced, RepoError> {
         self.consensus.wait_replayed().await;
@@ -86,6 +90,7 @@ impl LocalRefs {
             holds: self.holds.clone(),
             group: group.to_string(),
             path: path.to_path_buf(),
+            complete,
             message,
         };
         crate::update_rule::blocking(move || pass.run(scope)).await
@@ -97,12 +102,16 @@ struct Pass {
     holds: Holds,
     group: String,
     path: PathBuf,
+    complete: BTreeSet<String>,
     message: &'static str,
 }
 
 impl Pass {
     fn run(self, scope: Scope) -> Result<Synced, RepoError> {
         let repo = Replica::open(&self.path)?;
+        // One connectivity check for the whole pass: what it learns about
+        // the repository's refs is learned once, not per ref.
+        let mut complete = repo.completeness()?;
         let view = self
             .consensus
             .local_group(&self.group)
@@ -144,7 +153,7 @@ impl Pass {
                 continue;
             }
             if let Some(w) = &want {
-                if !repo.is_complete(w)? {
+                if !self.complete.contains(w) && !complete.is_complete(w)? {
                     out.missing.insert(name, w.clone());
                     continue;
                 }
@@ -203,15 +212,34 @@ impl Holds {
 
     pub fn hold(&self, group: &str, ref_name: &str, new: Option<&str>) -> u64 {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        self.map()
-            .entry((group.to_string(), ref_name.to_string()))
+        let mut map = self.map();
+        // Holds of refs nobody looked at since they ended go here.
+        let now = Instant::now();
+        map.retain(|_, holds| {
+            holds.retain(|h| h.until > now);
+            !holds.is_empty()
+        });
+        map.entry((group.to_string(), ref_name.to_string()))
             .or_default()
             .push(Hold {
                 token,
                 new: new.map(String::from),
-                until: Instant::now() + HOLD_FOR,
+                until: now + HOLD_FOR,
             });
         token
+    }
+
+    /// The push was accepted just now: git moves the ref next, and the hold
+    /// lasts HOLD_FOR from here (deciding may have taken a while).
+    pub fn restart_clock(&self, group: &str, ref_name: &str, token: u64) {
+        let key = (group.to_string(), ref_name.to_string());
+        if let Some(h) = self
+            .map()
+            .get_mut(&key)
+            .and_then(|holds| holds.iter_mut().find(|h| h.token == token))
+        {
+            h.until = Instant::now() + HOLD_FOR;
+        }
     }
 
     pub fn release(&self, group: &str, ref_name: &str, token: u64) {

@@ -6,10 +6,11 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use piehole_repo::Replica;
 
-use crate::consensus::{Consensus, ConsensusError};
+use crate::consensus::Consensus;
 use crate::durability::ObjectQuorum;
 use crate::local_refs::{LocalRefs, Scope};
 use crate::replicator::Replicator;
@@ -28,33 +29,45 @@ pub struct Pushes {
 impl Pushes {
     /// Every ref of one push (proc-receive): decided in one consensus step
     /// (per ref, or all or nothing when `atomic`), then the node moves the
-    /// replica's refs itself.
+    /// replica's refs itself. The decision takes at most the request
+    /// timeout, so the hook, which waits that long and a margin more, hears
+    /// the node's own answer.
     pub async fn push(
         &self,
         group: &str,
         path: &Path,
         updates: Vec<Proposed>,
         atomic: bool,
-    ) -> Result<Vec<Verdict>, ConsensusError> {
+    ) -> Vec<Verdict> {
+        let start = Instant::now();
+        let timeout = self.consensus.request_timeout();
         let mut verdicts = policy(path, &updates).await;
-        let refused = verdicts.iter().any(|v| v.is_some());
-        if refused && atomic {
-            return Ok(atomic_refusal(&updates, verdicts));
+        if atomic && verdicts.iter().any(|v| v.is_some()) {
+            return updates
+                .iter()
+                .zip(verdicts)
+                .map(|(u, v)| v.unwrap_or_else(|| update_rule::atomic_casualty(&u.ref_name)))
+                .collect();
         }
         let allowed: Vec<usize> = (0..updates.len())
             .filter(|&i| verdicts[i].is_none())
             .collect();
         let to_decide: Vec<Proposed> = allowed.iter().map(|&i| updates[i].clone()).collect();
-        let wants: Vec<String> = to_decide
-            .iter()
-            .filter_map(|u| u.new.clone())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let decided = match self.quorum.store(group, wants).await {
+        let decided = match self
+            .store_objects(group, &to_decide, start + timeout / 2)
+            .await
+        {
             Ok(()) => {
-                update_rule::decide(self.consensus.as_ref(), group, path, &to_decide, atomic)
-                    .await?
+                let deadline = start + timeout;
+                update_rule::decide(
+                    self.consensus.as_ref(),
+                    group,
+                    path,
+                    &to_decide,
+                    atomic,
+                    deadline,
+                )
+                .await
             }
             Err(why) => to_decide
                 .iter()
@@ -65,71 +78,104 @@ impl Pushes {
             verdicts[i] = Some(v);
         }
         // Accepted refs move to the group's value (this push's, or a newer
-        // one); refused ones are pulled towards the group's (rule 4).
+        // one); refused ones are pulled towards the group's (rule 4). git
+        // checked the pushed objects are all here before running the hook.
         let names = updates.iter().map(|u| u.ref_name.clone()).collect();
-        self.follow(group, path, Scope::Only(names), REFLOG_PUSH)
+        let pushed = updates.iter().filter_map(|u| u.new.clone()).collect();
+        self.follow(group, path, Scope::Only(names), pushed, REFLOG_PUSH)
             .await;
-        Ok(verdicts
+        verdicts
             .into_iter()
             .map(|v| v.unwrap_or(Verdict::Accept))
-            .collect())
+            .collect()
     }
 
     /// One ref from the update hook of git older than 2.29: git moves the
     /// ref itself after we accept, so it is held for git, not moved.
-    pub async fn update_hook(
-        &self,
-        group: &str,
-        path: &Path,
-        update: Proposed,
-    ) -> Result<Verdict, ConsensusError> {
+    pub async fn update_hook(&self, group: &str, path: &Path, update: Proposed) -> Verdict {
         if let Some(Some(refused)) = policy(path, std::slice::from_ref(&update)).await.pop() {
-            return Ok(refused);
+            return refused;
         }
+        let start = Instant::now();
+        let timeout = self.consensus.request_timeout();
         let holds = self.local_refs.holds();
         let token = holds.hold(group, &update.ref_name, update.new.as_deref());
         // git moves the ref only if it still holds `old`; if something moved
         // it since git read it, accepting would fail git's update anyway.
         let (p, name) = (path.to_path_buf(), update.ref_name.clone());
         let local = blocking(move || Replica::open(&p)?.ref_value(&name)).await;
-        if local.as_ref().ok() != Some(&update.old) {
-            holds.release(group, &update.ref_name, token);
+        let verdict = if local.as_ref().ok() != Some(&update.old) {
             let current = self.consensus.local_value(group, &update.ref_name);
-            return Ok(update_rule::reject(&update.ref_name, current.as_deref()));
-        }
-        let decided = update_rule::decide(
-            self.consensus.as_ref(),
-            group,
-            path,
-            std::slice::from_ref(&update),
-            false,
-        )
-        .await;
-        let verdict = match decided {
-            Ok(mut v) => v.pop().unwrap_or(Verdict::Accept),
-            Err(e) => {
-                holds.release(group, &update.ref_name, token);
-                return Err(e);
+            update_rule::reject(&update.ref_name, current.as_deref())
+        } else {
+            let one = std::slice::from_ref(&update);
+            match self.store_objects(group, one, start + timeout / 2).await {
+                Err(why) => {
+                    Verdict::Reject(format!("{}: {why}; nothing was changed", update.ref_name))
+                }
+                Ok(()) => update_rule::decide(
+                    self.consensus.as_ref(),
+                    group,
+                    path,
+                    one,
+                    false,
+                    start + timeout,
+                )
+                .await
+                .pop()
+                .unwrap_or(Verdict::Accept),
             }
         };
-        if verdict != Verdict::Accept {
+        if verdict == Verdict::Accept {
+            // git moves the ref right after this answer: its deadline runs from now.
+            holds.restart_clock(group, &update.ref_name, token);
+        } else {
             holds.release(group, &update.ref_name, token);
             let names = BTreeSet::from([update.ref_name.clone()]);
             self.follow(
                 group,
                 path,
                 Scope::Only(names),
+                BTreeSet::new(),
                 "piehole: catch up with the group",
             )
             .await;
         }
-        Ok(verdict)
+        verdict
+    }
+
+    /// --durability quorum: the new values' objects on a majority first.
+    async fn store_objects(
+        &self,
+        group: &str,
+        updates: &[Proposed],
+        by: Instant,
+    ) -> Result<(), String> {
+        let wants: Vec<String> = updates
+            .iter()
+            .filter_map(|u| u.new.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        self.quorum.store(group, wants, by).await
     }
 
     /// Moves the replica's refs in `scope` to the group's values; asks the
-    /// replicator for whatever objects are missing.
-    async fn follow(&self, group: &str, path: &Path, scope: Scope, message: &'static str) {
-        match self.local_refs.sync(group, path, scope, message).await {
+    /// replicator for whatever objects are missing. `complete` are values
+    /// known to be complete here (no need to walk their history).
+    async fn follow(
+        &self,
+        group: &str,
+        path: &Path,
+        scope: Scope,
+        complete: BTreeSet<String>,
+        message: &'static str,
+    ) {
+        match self
+            .local_refs
+            .sync(group, path, scope, complete, message)
+            .await
+        {
             Ok(s) if s.missing.is_empty() => {}
             Ok(_) => self.replicator.nudge(group),
             Err(e) => {
@@ -141,7 +187,8 @@ impl Pushes {
 }
 
 /// The operator's receive.denyDeletes and receive.denyNonFastForwards, which
-/// git leaves to the hook for refs a proc-receive hook handles.
+/// git leaves to the hook for refs a proc-receive hook handles. As in git,
+/// they concern branches only.
 async fn policy(path: &Path, updates: &[Proposed]) -> Vec<Option<Verdict>> {
     let p = path.to_path_buf();
     let list = updates.to_vec();
@@ -152,6 +199,7 @@ async fn policy(path: &Path, updates: &[Proposed]) -> Vec<Option<Verdict>> {
         Ok(list
             .iter()
             .map(|u| match (&u.old, &u.new) {
+                _ if !u.ref_name.starts_with("refs/heads/") => None,
                 (Some(_), None) if deny_deletes => Some(Verdict::Reject(format!(
                     "{}: deletion prohibited (receive.denyDeletes)",
                     u.ref_name
@@ -173,19 +221,4 @@ async fn policy(path: &Path, updates: &[Proposed]) -> Vec<Option<Verdict>> {
             .map(|u| Some(Verdict::Reject(format!("{}: {e}", u.ref_name))))
             .collect()
     })
-}
-
-fn atomic_refusal(updates: &[Proposed], verdicts: Vec<Option<Verdict>>) -> Vec<Verdict> {
-    updates
-        .iter()
-        .zip(verdicts)
-        .map(|(u, v)| {
-            v.unwrap_or_else(|| {
-                Verdict::Reject(format!(
-                    "{}: not changed, because another ref of this atomic push was refused",
-                    u.ref_name
-                ))
-            })
-        })
-        .collect()
 }

@@ -137,9 +137,19 @@ impl Replicator {
             .map(|(g, _)| g)
     }
 
+    /// Every ref that differs from the consensus; refs in step too, for
+    /// groups small enough that listing them all stays cheap.
     pub fn lag(&self) -> Vec<pb::ReplicaLag> {
+        const LIST_IN_STEP_UP_TO: usize = 1000;
         let lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sizes: HashMap<&str, usize> = HashMap::new();
+        for (group, _) in lag.keys() {
+            *sizes.entry(group.as_str()).or_default() += 1;
+        }
         lag.iter()
+            .filter(|((group, _), l)| {
+                l.differs_since_unix_ms != 0 || sizes[group.as_str()] <= LIST_IN_STEP_UP_TO
+            })
             .map(|((group, ref_name), l)| pb::ReplicaLag {
                 group: group.clone(),
                 node_id: self.node_id,
@@ -276,7 +286,7 @@ impl Replicator {
         tracing::trace!(group, "replication pass");
         let synced = self
             .local_refs
-            .sync(group, &path, Scope::All, REFLOG_REPLICATE)
+            .sync(group, &path, Scope::All, BTreeSet::new(), REFLOG_REPLICATE)
             .await
             .map_err(|e| e.to_string())?;
         if synced.missing.is_empty() {
@@ -287,7 +297,13 @@ impl Replicator {
         let names: BTreeSet<String> = synced.missing.keys().cloned().collect();
         let after = self
             .local_refs
-            .sync(group, &path, Scope::Only(names.clone()), REFLOG_REPLICATE)
+            .sync(
+                group,
+                &path,
+                Scope::Only(names.clone()),
+                BTreeSet::new(),
+                REFLOG_REPLICATE,
+            )
             .await
             .map_err(|e| e.to_string())?;
         let unfetchable: BTreeSet<String> = after
@@ -388,11 +404,12 @@ impl Replicator {
         if fetched_any {
             self.gc_soon(path);
         }
-        // Unfetchable only when every other replica answered that it lacks it.
+        // Unfetchable only when every other replica answered that it lacks
+        // it (also when there is no other replica to ask).
         let unfetchable = if answered == sources.len() {
             wants
                 .into_iter()
-                .filter(|v| lacked_by.get(v) == Some(&answered))
+                .filter(|v| lacked_by.get(v).copied().unwrap_or(0) == answered)
                 .collect()
         } else {
             BTreeSet::new()
@@ -510,17 +527,17 @@ impl Replicator {
         let path = self
             .local_path(group)
             .ok_or_else(|| format!("no replica of group {group} on this node"))?;
-        let permit = self
-            .builds
-            .clone()
-            .acquire_owned()
+        let permit = tokio::time::timeout(FIRST_ANSWER, self.builds.clone().acquire_owned())
             .await
+            .map_err(|_| format!("busy: {PARALLEL_BUILDS} packs are being built; try again"))?
             .map_err(|_| "shutting down".to_string())?;
         let (tx, rx) = mpsc::channel(4);
+        let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            if let Err(e) = stream_pack(&path, &wants, &haves, &tx) {
-                let _ = tx.blocking_send(Err(e.to_string()));
+            let out = Outlet { tx, runtime };
+            if let Err(e) = stream_pack(&path, &wants, &haves, &out) {
+                out.send(Err(e.to_string()));
             }
         });
         Ok(rx)
@@ -529,7 +546,7 @@ impl Replicator {
     /// --durability quorum: fetch `wants` of `group` from node `source` now;
     /// Ok once they are complete here (and fsynced, as every pack is).
     pub async fn store_objects(
-        &self,
+        self: &Arc<Self>,
         group: &str,
         wants: Vec<String>,
         source: u64,
@@ -555,36 +572,54 @@ impl Replicator {
     }
 }
 
+/// Where a pack being built goes: a bounded channel to the response
+/// stream. A receiver that stops taking (a peer frozen or cut off) frees
+/// the builder after PACK_IDLE instead of holding it forever.
+struct Outlet {
+    tx: mpsc::Sender<Result<pb::PackChunk, String>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Outlet {
+    /// False once the receiver is gone or stalled.
+    fn send(&self, chunk: Result<pb::PackChunk, String>) -> bool {
+        self.runtime
+            .block_on(tokio::time::timeout(PACK_IDLE, self.tx.send(chunk)))
+            .is_ok_and(|sent| sent.is_ok())
+    }
+}
+
 fn stream_pack(
     path: &Path,
     wants: &[String],
     haves: &[String],
-    tx: &mpsc::Sender<Result<pb::PackChunk, String>>,
+    out: &Outlet,
 ) -> Result<(), piehole_repo::RepoError> {
     let repo = Replica::open(path)?;
+    let mut complete = repo.completeness()?;
     let mut have = Vec::new();
     let mut missing = Vec::new();
     for w in wants {
-        if repo.is_complete(w)? {
+        if complete.is_complete(w)? {
             have.push(w.clone());
         } else {
             missing.push(w.clone());
         }
     }
+    drop(complete);
     let first = pb::PackChunk {
         data: Vec::new(),
         missing,
     };
-    if tx.blocking_send(Ok(first)).is_err() || have.is_empty() {
+    if !out.send(Ok(first)) || have.is_empty() {
         return Ok(());
     }
     let mut buf = Vec::with_capacity(PACK_CHUNK_BYTES);
     let send = |data: Vec<u8>| {
-        tx.blocking_send(Ok(pb::PackChunk {
+        out.send(Ok(pb::PackChunk {
             data,
             missing: Vec::new(),
         }))
-        .is_ok()
     };
     let mut open = true;
     repo.write_pack(&have, haves, |piece| {

@@ -40,7 +40,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot bind {}", sock_path.display()))?;
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o660))?;
 
-    let state = Arc::new(StateMachine::open(disk.db())?);
+    let state = Arc::new(StateMachine::open(disk.clone())?);
     let auth = PeerAuth {
         from: config.id,
         secret: config.cluster_secret.as_deref().map(Arc::from),
@@ -66,7 +66,6 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
             consensus: consensus.clone(),
             peers: config.peers.clone(),
             auth: auth.clone(),
-            timeout: config.request_timeout,
         },
     });
 
@@ -93,7 +92,8 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         request_timeout: config.request_timeout,
         durability: config.durability,
     })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let peer_task = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(peer)

@@ -7,18 +7,22 @@
 //! never disagree. Reads that span several keys (a group, a snapshot) take a
 //! read lock that `apply` excludes, so they never see half a command.
 
-use std::collections::BTreeMap;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use piehole_protocol::pb::{self, command::Op};
 use prost::Message as _;
 use tokio::sync::broadcast;
+
+use crate::disk::Disk;
 
 const APPLIED: &[u8] = b"applied";
 const RESTORED_FROM: &[u8] = b"restored_from";
 const GROUP: u8 = b'g';
 const REF: u8 = b'r';
 const REPLICA: u8 = b'p';
+/// group -> version, bumped by every change of the group's refs.
+const VERSION: u8 = b'v';
 /// (origin node, request id) -> AppliedRequest
 const DEDUP: u8 = b'd';
 /// applied index -> DEDUP key, to forget in log order
@@ -56,6 +60,7 @@ fn outcome_to(o: &Outcome) -> pb::StoredOutcome {
                 .map(|r| pb::RefOutcome {
                     applied: r.applied,
                     current: r.current.clone().unwrap_or_default(),
+                    blocked_by: r.blocked_by.clone().unwrap_or_default(),
                 })
                 .collect(),
             refused: String::new(),
@@ -76,6 +81,7 @@ fn outcome_from(o: pb::StoredOutcome) -> Outcome {
                 .map(|r| RefOutcome {
                     applied: r.applied,
                     current: (!r.current.is_empty()).then_some(r.current),
+                    blocked_by: (!r.blocked_by.is_empty()).then_some(r.blocked_by),
                 })
                 .collect(),
         )
@@ -87,11 +93,14 @@ fn outcome_from(o: pb::StoredOutcome) -> Outcome {
 }
 
 /// What one ref's compare-and-swap did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RefOutcome {
     pub applied: bool,
     /// The value after the operation; the winner's when not applied.
     pub current: Option<String>,
+    /// Not applied because this existing ref is in the way (a ref cannot be
+    /// both a file and a directory: refs/heads/a vs refs/heads/a/b).
+    pub blocked_by: Option<String>,
 }
 
 /// What a command did, handed back to whoever proposed it.
@@ -115,10 +124,15 @@ pub struct GroupView {
     pub refs: BTreeMap<String, RefValue>,
     /// node id -> repository path on that node's host
     pub replicas: BTreeMap<u64, String>,
+    /// Bumped by every change of the group's refs: a decision taken on this
+    /// view can be made conditional on nothing having changed since.
+    pub version: u64,
 }
 
 pub struct StateMachine {
     tree: sled::Tree,
+    /// Made durable at once after a snapshot install, which no log replays.
+    disk: Arc<Disk>,
     /// Held for writing while a command is applied, for reading by every
     /// read of more than one key.
     consistent: RwLock<()>,
@@ -141,10 +155,11 @@ fn group_prefix(kind: u8, group: &str) -> Vec<u8> {
 }
 
 impl StateMachine {
-    pub fn open(db: &sled::Db) -> anyhow::Result<Self> {
+    pub fn open(disk: Arc<Disk>) -> anyhow::Result<Self> {
         let (changes, _) = broadcast::channel(1024);
         Ok(StateMachine {
-            tree: db.open_tree("state")?,
+            tree: disk.db().open_tree("state")?,
+            disk,
             consistent: RwLock::new(()),
             changes,
         })
@@ -216,18 +231,47 @@ impl StateMachine {
                 let outcome = self.push(&mut batch, p)?;
                 (outcome, Some(&p.group))
             }
+            Some(Op::Cas(c)) => {
+                let single = pb::PushOp {
+                    group: c.group.clone(),
+                    updates: vec![pb::RefCas {
+                        ref_name: c.ref_name.clone(),
+                        expected: c.expected.clone(),
+                        new: c.new.clone(),
+                    }],
+                    atomic: false,
+                    proposer: c.proposer,
+                };
+                (self.push(&mut batch, &single)?, Some(&c.group))
+            }
             Some(Op::Clobber(c)) => {
-                batch.insert(group_prefix(GROUP, &c.group), b"");
-                for old in self.tree.scan_prefix(group_prefix(REF, &c.group)) {
-                    batch.remove(old?.0);
-                }
-                for r in &c.refs {
+                let version = self.version_unlocked(&c.group)?;
+                if c.expected_version != 0 && c.expected_version != version {
+                    (
+                        Outcome::Refused(
+                            "the group changed while clobber ran (a push landed); \
+                             nothing was changed, run it again"
+                                .into(),
+                        ),
+                        None,
+                    )
+                } else {
+                    batch.insert(group_prefix(GROUP, &c.group), b"");
+                    for old in self.tree.scan_prefix(group_prefix(REF, &c.group)) {
+                        batch.remove(old?.0);
+                    }
+                    for r in &c.refs {
+                        batch.insert(
+                            key(REF, &c.group, r.ref_name.as_bytes()),
+                            encode_ref(&r.value, c.proposer),
+                        );
+                    }
                     batch.insert(
-                        key(REF, &c.group, r.ref_name.as_bytes()),
-                        encode_ref(&r.value, c.proposer),
+                        group_prefix(VERSION, &c.group),
+                        &(version + 1).to_be_bytes(),
                     );
+                    (Outcome::Done, Some(&c.group))
                 }
-                (Outcome::Done, Some(&c.group))
             }
             Some(Op::Read(_)) => (Outcome::Done, None),
             None => (Outcome::Refused("empty command".into()), None),
@@ -270,32 +314,54 @@ impl StateMachine {
 
     /// The compare-and-swap rule, per ref: equal to `new` already is success
     /// (a retried or replayed update), equal to `expected` moves it,
-    /// anything else fails and reports the current value. Atomic: all move
-    /// or none does.
+    /// anything else fails and reports the current value. A ref that would
+    /// need another ref's name as a directory (or the reverse) is refused.
+    /// Atomic: all move or none does.
     fn push(&self, batch: &mut sled::Batch, p: &pb::PushOp) -> anyhow::Result<Outcome> {
         let mut outcomes = Vec::with_capacity(p.updates.len());
         let mut moves = Vec::new();
+        // Names this push creates and deletes, as seen by the updates after.
+        let (mut created, mut deleted) = (BTreeSet::new(), BTreeSet::new());
         for u in &p.updates {
             let k = key(REF, &p.group, u.ref_name.as_bytes());
             let current = self.tree.get(&k)?.map(|b| decode_ref(&b).value);
             let current_or_empty = current.as_deref().unwrap_or_default();
-            if current_or_empty == u.new {
-                outcomes.push(RefOutcome {
+            let outcome = if current_or_empty == u.new {
+                RefOutcome {
                     applied: true,
                     current,
-                });
-            } else if current_or_empty == u.expected {
-                moves.push((k, u));
-                outcomes.push(RefOutcome {
-                    applied: true,
-                    current: (!u.new.is_empty()).then(|| u.new.clone()),
-                });
-            } else {
-                outcomes.push(RefOutcome {
+                    blocked_by: None,
+                }
+            } else if current_or_empty != u.expected {
+                RefOutcome {
                     applied: false,
                     current,
-                });
-            }
+                    blocked_by: None,
+                }
+            } else if let Some(other) = (current.is_none() && !u.new.is_empty())
+                .then(|| self.name_clash(&p.group, &u.ref_name, &created, &deleted))
+                .transpose()?
+                .flatten()
+            {
+                RefOutcome {
+                    applied: false,
+                    current,
+                    blocked_by: Some(other),
+                }
+            } else {
+                if u.new.is_empty() {
+                    deleted.insert(u.ref_name.clone());
+                } else {
+                    created.insert(u.ref_name.clone());
+                }
+                moves.push((k, u));
+                RefOutcome {
+                    applied: true,
+                    current: (!u.new.is_empty()).then(|| u.new.clone()),
+                    blocked_by: None,
+                }
+            };
+            outcomes.push(outcome);
         }
         if p.atomic && outcomes.iter().any(|o| !o.applied) {
             // Nothing moves; report every ref's present value.
@@ -309,6 +375,8 @@ impl StateMachine {
         }
         if !moves.is_empty() {
             batch.insert(group_prefix(GROUP, &p.group), b"");
+            let version = self.version_unlocked(&p.group)? + 1;
+            batch.insert(group_prefix(VERSION, &p.group), &version.to_be_bytes());
         }
         for (k, u) in moves {
             if u.new.is_empty() {
@@ -318,6 +386,53 @@ impl StateMachine {
             }
         }
         Ok(Outcome::Push(outcomes))
+    }
+
+    /// A ref of `group` that creating `name` would clash with: one whose
+    /// name is a leading directory of `name`, or one under `name/`. Refs
+    /// this push creates count, refs it deletes do not.
+    fn name_clash(
+        &self,
+        group: &str,
+        name: &str,
+        created: &BTreeSet<String>,
+        deleted: &BTreeSet<String>,
+    ) -> anyhow::Result<Option<String>> {
+        let exists = |n: &str| -> anyhow::Result<bool> {
+            Ok(created.contains(n)
+                || (!deleted.contains(n)
+                    && self.tree.contains_key(key(REF, group, n.as_bytes()))?))
+        };
+        for (i, _) in name.match_indices('/') {
+            let parent = &name[..i];
+            if exists(parent)? {
+                return Ok(Some(parent.to_string()));
+            }
+        }
+        let below = format!("{name}/");
+        if let Some(c) = created
+            .range(below.clone()..)
+            .next()
+            .filter(|c| c.starts_with(&below))
+        {
+            return Ok(Some(c.clone()));
+        }
+        for kv in self.tree.scan_prefix(key(REF, group, below.as_bytes())) {
+            let (k, _) = kv?;
+            let prefix_len = group_prefix(REF, group).len();
+            let child = String::from_utf8_lossy(&k[prefix_len..]).into_owned();
+            if !deleted.contains(&child) {
+                return Ok(Some(child));
+            }
+        }
+        Ok(None)
+    }
+
+    fn version_unlocked(&self, group: &str) -> anyhow::Result<u64> {
+        Ok(match self.tree.get(group_prefix(VERSION, group))? {
+            Some(b) if b.len() == 8 => u64::from_be_bytes(b.as_ref().try_into()?),
+            _ => 0,
+        })
     }
 
     pub fn groups(&self) -> Vec<String> {
@@ -348,6 +463,7 @@ impl StateMachine {
 
     /// One consensus ref's value, as applied here.
     pub fn ref_value(&self, group: &str, ref_name: &str) -> Option<String> {
+        let _r = self.reading();
         self.ref_value_unlocked(group, ref_name)
     }
 
@@ -393,6 +509,7 @@ impl StateMachine {
             view.replicas
                 .insert(id, String::from_utf8_lossy(&v).into_owned());
         }
+        view.version = self.version_unlocked(group)?;
         Ok(view)
     }
 
@@ -417,6 +534,7 @@ impl StateMachine {
         for name in self.groups_unlocked() {
             let view = self.group_unlocked(&name)?;
             snap.groups.push(pb::GroupState {
+                version: view.version,
                 name,
                 replicas: view
                     .replicas
@@ -457,6 +575,9 @@ impl StateMachine {
         batch.insert(RESTORED_FROM, origin);
         for g in &snap.groups {
             batch.insert(group_prefix(GROUP, &g.name), b"");
+            if g.version != 0 {
+                batch.insert(group_prefix(VERSION, &g.name), &g.version.to_be_bytes());
+            }
             for r in &g.replicas {
                 batch.insert(
                     key(REPLICA, &g.name, &r.node_id.to_be_bytes()),
@@ -474,6 +595,11 @@ impl StateMachine {
             insert_seen(&mut batch, seen);
         }
         self.tree.apply_batch(batch)?;
+        // No log holds what a snapshot brought: it must be on disk before
+        // anyone reads it (and moves a replica's ref on its word), or a crash
+        // now would bring back the older state under a newer ref.
+        self.disk.sync()?;
+        drop(_w);
         for g in snap.groups {
             let _ = self.changes.send(g.name);
         }
@@ -501,8 +627,8 @@ mod tests {
 
     fn sm() -> (tempfile::TempDir, StateMachine) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let sm = StateMachine::open(&db).unwrap();
+        let disk = Arc::new(Disk::open(&dir.path().join("db")).unwrap());
+        let sm = StateMachine::open(disk).unwrap();
         (dir, sm)
     }
 
@@ -538,10 +664,15 @@ mod tests {
     }
 
     fn one(applied: bool, current: Option<&str>) -> Outcome {
-        Outcome::Push(vec![RefOutcome {
+        Outcome::Push(vec![out(applied, current)])
+    }
+
+    fn out(applied: bool, current: Option<&str>) -> RefOutcome {
+        RefOutcome {
             applied,
             current: current.map(String::from),
-        }])
+            blocked_by: None,
+        }
     }
 
     const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -580,16 +711,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             out,
-            Outcome::Push(vec![
-                RefOutcome {
-                    applied: false,
-                    current: None
-                },
-                RefOutcome {
-                    applied: false,
-                    current: Some(C.into())
-                },
-            ])
+            Outcome::Push(vec![self::out(false, None), self::out(false, Some(C))])
         );
         assert_eq!(sm.ref_value("g", x), None);
         // The same, not atomic: x moves alone.
@@ -598,16 +720,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             out,
-            Outcome::Push(vec![
-                RefOutcome {
-                    applied: true,
-                    current: Some(A.into())
-                },
-                RefOutcome {
-                    applied: false,
-                    current: Some(C.into())
-                },
-            ])
+            Outcome::Push(vec![self::out(true, Some(A)), self::out(false, Some(C))])
         );
         // Atomic, all expectations right: both move in one entry.
         let out = sm
@@ -615,19 +728,102 @@ mod tests {
             .unwrap();
         assert_eq!(
             out,
-            Outcome::Push(vec![
-                RefOutcome {
-                    applied: true,
-                    current: Some(B.into())
-                },
-                RefOutcome {
-                    applied: true,
-                    current: None
-                },
-            ])
+            Outcome::Push(vec![self::out(true, Some(B)), self::out(true, None)])
         );
         assert_eq!(sm.ref_value("g", x).as_deref(), Some(B));
         assert_eq!(sm.ref_value("g", y), None);
+    }
+
+    #[test]
+    fn a_ref_cannot_be_both_a_file_and_a_directory() {
+        let (_d, sm) = sm();
+        sm.apply(1, &cas("g", "refs/heads/a", "", A)).unwrap();
+        let blocked = |out: Outcome| match out {
+            Outcome::Push(o) => o[0].blocked_by.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            blocked(sm.apply(2, &cas("g", "refs/heads/a/b", "", B)).unwrap()).as_deref(),
+            Some("refs/heads/a")
+        );
+        sm.apply(3, &cas("g", "refs/heads/x/y", "", B)).unwrap();
+        assert_eq!(
+            blocked(sm.apply(4, &cas("g", "refs/heads/x", "", A)).unwrap()).as_deref(),
+            Some("refs/heads/x/y")
+        );
+        assert_eq!(sm.ref_value("g", "refs/heads/x"), None);
+        // Deleting the file and creating the directory in one push is fine,
+        // as in git; other groups and look-alike names are no obstacle.
+        let out = sm
+            .apply(
+                5,
+                &push(
+                    "g",
+                    &[("refs/heads/a", A, ""), ("refs/heads/a/b", "", B)],
+                    true,
+                ),
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            Outcome::Push(vec![self::out(true, None), self::out(true, Some(B))])
+        );
+        assert_eq!(
+            sm.apply(6, &cas("g", "refs/heads/ab", "", A)).unwrap(),
+            one(true, Some(A))
+        );
+        assert_eq!(
+            sm.apply(7, &cas("h", "refs/heads/x", "", A)).unwrap(),
+            one(true, Some(A))
+        );
+    }
+
+    #[test]
+    fn a_clobber_decided_on_an_older_version_changes_nothing() {
+        let (_d, sm) = sm();
+        sm.apply(1, &cas("g", "refs/heads/m", "", A)).unwrap();
+        let seen = sm.group("g").unwrap().version;
+        assert_eq!(seen, 1);
+        // A push lands after the clobber read the group.
+        sm.apply(2, &cas("g", "refs/heads/m", A, B)).unwrap();
+        let clobber = |version| pb::Command {
+            origin_node: 3,
+            request_id: next_request(),
+            op: Some(Op::Clobber(pb::ClobberOp {
+                group: "g".into(),
+                refs: vec![],
+                proposer: 3,
+                expected_version: version,
+            })),
+            proposed_after: 0,
+        };
+        assert!(matches!(
+            sm.apply(3, &clobber(seen)).unwrap(),
+            Outcome::Refused(_)
+        ));
+        assert_eq!(sm.ref_value("g", "refs/heads/m").as_deref(), Some(B));
+        let now = sm.group("g").unwrap().version;
+        assert_eq!(sm.apply(4, &clobber(now)).unwrap(), Outcome::Done);
+        assert!(sm.group("g").unwrap().refs.is_empty());
+        assert_eq!(sm.group("g").unwrap().version, now + 1);
+    }
+
+    #[test]
+    fn a_cas_entry_of_older_nodes_still_applies() {
+        let (_d, sm) = sm();
+        let old = pb::Command {
+            origin_node: 1,
+            request_id: next_request(),
+            op: Some(Op::Cas(pb::CasOp {
+                group: "g".into(),
+                ref_name: "refs/heads/m".into(),
+                expected: String::new(),
+                new: A.into(),
+                proposer: 1,
+            })),
+            proposed_after: 0,
+        };
+        assert_eq!(sm.apply(1, &old).unwrap(), one(true, Some(A)));
     }
 
     #[test]
@@ -744,6 +940,7 @@ mod tests {
                     proposer: 0,
                 }],
                 proposer: 3,
+                expected_version: 0,
             })),
             proposed_after: 0,
         };

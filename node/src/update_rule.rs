@@ -12,10 +12,11 @@
 //! that need it. An atomic push moves every ref or none, in every round.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use piehole_repo::Replica;
 
-use crate::consensus::{Consensus, ConsensusError, RefUpdate};
+use crate::consensus::{Consensus, RefUpdate};
 
 /// One ref of a push as git reported it. `None` is "absent".
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,14 +35,18 @@ pub enum Verdict {
 /// How many times rule 3 may chase consensus values that keep moving.
 const MAX_ROUNDS: usize = 3;
 
-/// Rules 1-3 for every update of one push; one verdict per update, in order.
+/// Rules 1-3 for every update of one push; one verdict per update, in
+/// order. Every consensus round fails by `deadline`. A round that fails
+/// (no quorum, timed out) refuses the refs still undecided with its reason;
+/// refs an earlier round decided keep their verdicts.
 pub async fn decide(
     consensus: &dyn Consensus,
     group: &str,
     repo_path: &Path,
     updates: &[Proposed],
     atomic: bool,
-) -> Result<Vec<Verdict>, ConsensusError> {
+    deadline: Instant,
+) -> Vec<Verdict> {
     let mut expected: Vec<Option<String>> = updates.iter().map(|u| u.old.clone()).collect();
     let mut verdicts: Vec<Option<Verdict>> = vec![None; updates.len()];
     let mut group_has: Vec<Option<String>> = vec![None; updates.len()];
@@ -60,12 +65,29 @@ pub async fn decide(
                 new: updates[i].new.clone(),
             })
             .collect();
-        let outcomes = consensus.update_refs(group, batch, atomic).await?;
+        let outcomes = match consensus.update_refs(group, batch, atomic, deadline).await {
+            Ok(o) => o,
+            Err(e) => {
+                for &i in &pending {
+                    verdicts[i] = Some(Verdict::Reject(format!("{}: {e}", updates[i].ref_name)));
+                }
+                break;
+            }
+        };
         // Refs the group has moved past what we expected: rule 3 candidates.
         let mut moved = Vec::new();
         for (&i, out) in pending.iter().zip(outcomes) {
             if out.applied {
                 verdicts[i] = Some(Verdict::Accept);
+            } else if let Some(other) = out.blocked_by {
+                verdicts[i] = Some(Verdict::Reject(format!(
+                    "{}: cannot be created while {other} exists (a ref cannot also be a directory of refs)",
+                    updates[i].ref_name
+                )));
+            } else if out.current == updates[i].new {
+                // Already where this push wants it (an atomic round that
+                // failed on another ref reports it unapplied): done next round.
+                expected[i] = out.current;
             } else if out.current != expected[i] {
                 group_has[i] = out.current.clone();
                 moved.push((i, out.current));
@@ -92,19 +114,23 @@ pub async fn decide(
         }
     }
     let rejected_atomic = atomic && verdicts.iter().any(|v| !matches!(v, Some(Verdict::Accept)));
-    Ok(verdicts
+    verdicts
         .into_iter()
         .enumerate()
         .map(|(i, v)| match v {
             Some(Verdict::Accept) if !rejected_atomic => Verdict::Accept,
             Some(Verdict::Reject(m)) => Verdict::Reject(m),
-            _ if rejected_atomic => Verdict::Reject(format!(
-                "{}: not changed, because another ref of this atomic push was refused",
-                updates[i].ref_name
-            )),
+            _ if rejected_atomic => atomic_casualty(&updates[i].ref_name),
             _ => reject(&updates[i].ref_name, group_has[i].as_deref()),
         })
-        .collect())
+        .collect()
+}
+
+/// A ref of an atomic push refused only because another one was.
+pub fn atomic_casualty(ref_name: &str) -> Verdict {
+    Verdict::Reject(format!(
+        "{ref_name}: not changed, because another ref of this atomic push was refused"
+    ))
 }
 
 /// Rule 4's message. The value is shown short, cut by characters so that no

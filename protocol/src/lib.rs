@@ -14,8 +14,9 @@ pub mod pb {
 }
 
 pub mod limits {
-    /// Largest gRPC message either API accepts (a pack is streamed in chunks).
-    pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+    /// Largest local API message, either way: a push of 100,000 refs, the
+    /// status of a big group.
+    pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
     /// Largest peer API message (a raft snapshot of a big state, a batch).
     pub const MAX_PEER_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
     /// Chunk size of a streamed pack.

@@ -18,25 +18,48 @@ impl Replica {
     /// The object and everything reachable from it are present. Used before
     /// moving a ref, so a ref never points at a missing object.
     pub fn is_complete(&self, id: &str) -> Result<bool, RepoError> {
-        let oid = parse_id(id)?;
-        let odb = self.repo.odb()?;
-        let mut check = Check {
+        self.completeness()?.is_complete(id)
+    }
+
+    /// A checker for many objects in a row (a pass over a group's refs):
+    /// the repository's refs are read once, and every commit it proves
+    /// complete shortens the walks after it.
+    pub fn completeness(&self) -> Result<Completeness<'_>, RepoError> {
+        let mut known = Vec::new();
+        for reference in self.repo.references()? {
+            if let Ok(commit) = reference?.peel_to_commit() {
+                known.push(commit.id());
+            }
+        }
+        known.sort();
+        known.dedup();
+        Ok(Completeness {
             repo: &self.repo,
-            odb: &odb,
+            odb: self.repo.odb()?,
+            known,
             complete_trees: HashSet::new(),
-        };
-        missing_is_false(check.object(oid))
+        })
     }
 }
 
-struct Check<'a> {
-    repo: &'a Repository,
-    odb: &'a Odb<'a>,
-    /// Trees already proved complete during this call.
+/// See [`Replica::completeness`].
+pub struct Completeness<'r> {
+    repo: &'r Repository,
+    odb: Odb<'r>,
+    /// Commits whose history is known complete: the refs' tips, and what
+    /// this checker has proved since.
+    known: Vec<Oid>,
+    /// Trees already proved complete.
     complete_trees: HashSet<Oid>,
 }
 
-impl Check<'_> {
+impl Completeness<'_> {
+    /// Whether the object and everything reachable from it are present.
+    pub fn is_complete(&mut self, id: &str) -> Result<bool, RepoError> {
+        let oid = parse_id(id)?;
+        missing_is_false(self.object(oid))
+    }
+
     fn object(&mut self, mut oid: Oid) -> Result<bool, git2::Error> {
         // Tags may point at tags; follow the chain to the first non-tag.
         loop {
@@ -57,14 +80,13 @@ impl Check<'_> {
         // commit comes up each parent is either already verified here or was
         // hidden, i.e. reachable from an existing ref.
         walk.set_sorting(Sort::TOPOLOGICAL | Sort::REVERSE)?;
+        if self.known.binary_search(&tip).is_ok() {
+            return Ok(true);
+        }
         walk.push(tip)?;
-        for reference in self.repo.references()? {
-            let reference = reference?;
-            let Ok(commit) = reference.peel_to_commit() else {
-                continue;
-            };
+        for &commit in &self.known {
             // A ref whose history cannot be walked just offers no shortcut.
-            if let Err(e) = walk.hide(commit.id()) {
+            if let Err(e) = walk.hide(commit) {
                 tracing::debug!(error = e.message(), "not using ref as a completeness base");
             }
         }
@@ -82,6 +104,9 @@ impl Check<'_> {
             if !self.tree(commit.tree_id(), base)? {
                 return Ok(false);
             }
+        }
+        if let Err(at) = self.known.binary_search(&tip) {
+            self.known.insert(at, tip);
         }
         Ok(true)
     }

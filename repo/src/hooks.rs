@@ -325,6 +325,23 @@ fn write_config(repo: &Repository, opts: &InstallOptions, node: &str) -> Result<
         }
         _ => {}
     }
+    // The update hook decides one ref at a time: a push it could only
+    // half-apply must not be offered as atomic.
+    let atomic = match opts.kind {
+        HookKind::ProcReceive => None,
+        HookKind::Update => Some(false),
+    };
+    match (atomic, local.get_bool("receive.advertiseAtomic").ok()) {
+        (Some(want), have) if have != Some(want) => {
+            local.set_bool("receive.advertiseAtomic", want)?;
+            changed = true;
+        }
+        (None, Some(false)) => {
+            local.remove("receive.advertiseAtomic")?;
+            changed = true;
+        }
+        _ => {}
+    }
     if !multivar(&local, "receive.hideRefs")
         .iter()
         .any(|v| v == HIDDEN_FROM_PUSHES)

@@ -29,5 +29,6 @@ mod locks;
 mod maintenance;
 mod pack;
 
+pub use complete::Completeness;
 pub use error::RepoError;
 pub use replica::Replica;

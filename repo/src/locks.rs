@@ -9,11 +9,14 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
-/// No ref transaction holds a lock this long.
-const STALE_AFTER: Duration = Duration::from_secs(30);
-/// A lock older than this process and at least this old is a dead
+/// No ref transaction holds a ref's lock this long.
+const STALE_AFTER: Duration = Duration::from_secs(60);
+/// A ref's lock older than this process and at least this old is a dead
 /// predecessor's: writers hold ref locks for milliseconds.
-const STALE_FROM_BEFORE_START: Duration = Duration::from_secs(2);
+const STALE_FROM_BEFORE_START: Duration = Duration::from_secs(5);
+/// `git pack-refs` and gc hold packed-refs.lock while they rewrite a file
+/// that can be large: only a lock this old is taken for dead.
+const PACKED_REFS_STALE_AFTER: Duration = Duration::from_secs(600);
 
 static STARTED: OnceLock<SystemTime> = OnceLock::new();
 
@@ -31,7 +34,12 @@ pub(crate) fn clear_if_stale(lock: &Path) -> bool {
         .duration_since(modified)
         .unwrap_or(Duration::ZERO);
     let before_start = STARTED.get().is_some_and(|s| modified < *s);
-    let stale = age >= STALE_AFTER || (before_start && age >= STALE_FROM_BEFORE_START);
+    let packed_refs = lock.file_name().is_some_and(|n| n == "packed-refs.lock");
+    let stale = if packed_refs {
+        age >= PACKED_REFS_STALE_AFTER
+    } else {
+        age >= STALE_AFTER || (before_start && age >= STALE_FROM_BEFORE_START)
+    };
     if !stale {
         return false;
     }

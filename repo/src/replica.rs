@@ -175,9 +175,17 @@ impl Replica {
         message: &str,
     ) -> Result<(), RepoError> {
         if let Some(old) = expected {
+            // A commit stays reachable from a descendant; any other object
+            // (an annotated tag, say) only from itself.
+            let old_is_commit = self
+                .repo
+                .odb()?
+                .read_header(parse_id(old)?)
+                .is_ok_and(|(_, kind)| kind == git2::ObjectType::Commit);
             let kept = match new {
                 None => false,
-                Some(new) => self.is_descendant(new, old),
+                Some(new) if new == old => true,
+                Some(new) => old_is_commit && self.is_descendant(new, old),
             };
             if !kept {
                 self.keep_displaced(name, old, message)?;

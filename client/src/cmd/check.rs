@@ -32,7 +32,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
                     .filter(|l| l.group == group && l.unfetchable)
                 {
                     problems.push(format!(
-                        "{}: no replica has it: the group's value {} is on no node that answers                          (a lost push?); `piehole clobber` in a replica with good refs is the way out",
+                        "{}: no replica has it: the group's value {} is on no node that answers (a lost push?); `piehole clobber` in a replica with good refs is the way out",
                         l.ref_name,
                         short(&l.consensus)
                     ));

@@ -146,13 +146,16 @@ fn proc_receive(node: &Node) -> anyhow::Result<ExitCode> {
     let mut answers = Vec::with_capacity(commands.len());
     let mut to_node = Vec::new();
     for line in &commands {
-        let line = String::from_utf8_lossy(line);
-        let mut parts = line.splitn(3, ' ');
+        let lossy = String::from_utf8_lossy(line);
+        let mut parts = lossy.splitn(3, ' ');
         let (old, new, name) = match (parts.next(), parts.next(), parts.next()) {
             (Some(o), Some(n), Some(r)) => (o, n, r.to_string()),
-            _ => anyhow::bail!("receive-pack sent a command piehole cannot read: {line:?}"),
+            _ => anyhow::bail!("receive-pack sent a command piehole cannot read: {lossy:?}"),
         };
-        let answer = if !name.starts_with("refs/") || name.starts_with("refs/remotes/") {
+        let answer = if std::str::from_utf8(line).is_err() {
+            // Not the name git sent: refuse it rather than decide another.
+            Answer::Ng(format!("{name}: ref names must be UTF-8 here"))
+        } else if !name.starts_with("refs/") || name.starts_with("refs/remotes/") {
             Answer::FallThrough
         } else if name.starts_with(validate::OWN_NAMESPACE) {
             Answer::Ng(format!("{name}: refs/piehole/ is piehole's own namespace"))
@@ -171,6 +174,16 @@ fn proc_receive(node: &Node) -> anyhow::Result<ExitCode> {
         };
         refs.push(name);
         answers.push(answer);
+    }
+    // git applies refs we let fall through in its own transaction, after
+    // the consensus took the others: all or nothing could not hold.
+    if atomic && answers.iter().any(|a| matches!(a, Answer::FallThrough)) {
+        for (name, answer) in refs.iter().zip(answers.iter_mut()) {
+            *answer = Answer::Ng(format!(
+                "{name}: an atomic push cannot mix refs piehole replicates with refs it does not (refs/remotes/, outside refs/)"
+            ));
+        }
+        to_node.clear();
     }
     let refused_here = answers.iter().any(|a| matches!(a, Answer::Ng(_)));
     if !to_node.is_empty() {

@@ -75,8 +75,12 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         kind,
         request_timeout_ms: Some(status.request_timeout_ms).filter(|&t| t > 0),
     };
+    // A refusal (refs the group would delete, no quorum) before any hook is
+    // written: a repository with piehole's hooks but no registration would
+    // refuse every push.
+    client.register(&group, &repo_path, a.force, true).await?;
     let report = hooks::install(&repo_path, &opts)?;
-    let reply = client.register(&group, &repo_path, a.force).await?;
+    let reply = client.register(&group, &repo_path, a.force, false).await?;
 
     if report.already_installed {
         println!(

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use piehole_protocol::pb::{self, local_server::Local};
 use piehole_protocol::validate;
@@ -12,7 +12,7 @@ use piehole_repo::Replica;
 use tonic::{Request, Response, Status};
 
 use super::{consensus_status, invalid};
-use crate::consensus::{Consensus, GroupView};
+use crate::consensus::{Consensus, GroupView, RefUpdate};
 use crate::durability::Durability;
 use crate::peer_client::{self, PeerAuth};
 use crate::push::Pushes;
@@ -80,22 +80,28 @@ async fn complete_refs(path: &Path) -> Result<BTreeMap<String, String>, Status> 
 }
 
 impl LocalService {
-    /// The first repository of a new group brings its refs with it. A CAS
-    /// from "absent" never overwrites a value already seeded.
+    /// The first repository of a new group brings its refs with it, in one
+    /// entry. A CAS from "absent" never overwrites a value already seeded.
     async fn seed(&self, group: &str, path: &Path) -> Result<u64, Status> {
-        let refs = complete_refs(path).await?;
-        let mut seeded = 0;
-        for (name, id) in refs {
-            let out = self
-                .consensus
-                .cas(group, &name, None, Some(&id))
-                .await
-                .map_err(consensus_status)?;
-            if out.applied {
-                seeded += 1;
-            }
+        let updates: Vec<RefUpdate> = complete_refs(path)
+            .await?
+            .into_iter()
+            .map(|(ref_name, id)| RefUpdate {
+                ref_name,
+                expected: None,
+                new: Some(id),
+            })
+            .collect();
+        if updates.is_empty() {
+            return Ok(0);
         }
-        Ok(seeded)
+        let deadline = Instant::now() + self.request_timeout;
+        let out = self
+            .consensus
+            .update_refs(group, updates, false, deadline)
+            .await
+            .map_err(consensus_status)?;
+        Ok(out.iter().filter(|o| o.applied).count() as u64)
     }
 
     /// Refs of the repository that following the group would delete, or
@@ -240,6 +246,7 @@ impl Local for LocalService {
                 .into_iter()
                 .map(|(node_id, path)| pb::Replica { node_id, path })
                 .collect(),
+            version: view.version,
         }))
     }
 
@@ -273,6 +280,9 @@ impl Local for LocalService {
         if view.replicas.get(&me).map(String::as_str) == Some(path_s) {
             // Already this group's replica here: it follows the group already.
         } else if view.replicas.is_empty() {
+            if r.dry_run {
+                return Ok(Response::new(reply));
+            }
             // Seed before registering: once registered, the replicator makes
             // the repository follow the (empty) group and its refs would be
             // gone. A seed cut short (no quorum, say) is finished by running
@@ -280,6 +290,9 @@ impl Local for LocalService {
             reply.seeded = self.seed(&r.group, &path).await?;
         } else {
             let lose = self.would_lose(&path, &view).await?;
+            if r.dry_run && (lose.is_empty() || r.force) {
+                return Ok(Response::new(reply));
+            }
             if !lose.is_empty() && !r.force {
                 let names: Vec<&str> = lose.keys().map(String::as_str).collect();
                 return Err(Status::failed_precondition(format!(
@@ -290,7 +303,7 @@ impl Local for LocalService {
                     names.join(", ")
                 )));
             }
-            if !lose.is_empty() {
+            if !lose.is_empty() && !r.dry_run {
                 let (p, prefix) = (path.clone(), format!("refs/piehole/kept/{}/", unix_secs()));
                 reply.saved = blocking(move || {
                     Replica::open(&p)?.keep_under(&prefix, &lose, "piehole: install --force")
@@ -298,6 +311,9 @@ impl Local for LocalService {
                 .await
                 .map_err(repo_status)?;
             }
+        }
+        if r.dry_run {
+            return Ok(Response::new(reply));
         }
         self.consensus
             .register(&r.group, me, path_s)
@@ -362,8 +378,10 @@ impl Local for LocalService {
             refs: local.len() as u64,
             removed: removed.len() as u64,
         };
+        // Only if nothing landed since the group was read above: a push
+        // acknowledged meanwhile is never undone unseen.
         self.consensus
-            .clobber(&group, local)
+            .clobber(&group, local, view.version)
             .await
             .map_err(consensus_status)?;
         Ok(Response::new(reply))
@@ -410,20 +428,15 @@ impl Local for LocalService {
         // push in half; once the consensus decided, the replica follows.
         let pushes = self.pushes.clone();
         let task = tokio::spawn(async move {
-            if git_moves_refs {
-                let update = updates.into_iter().next().expect("checked: one update");
-                pushes
-                    .update_hook(&group, &path, update)
-                    .await
-                    .map(|v| vec![v])
-            } else {
-                pushes.push(&group, &path, updates, atomic).await
+            match (git_moves_refs, <[Proposed; 1]>::try_from(updates)) {
+                (true, Ok([update])) => vec![pushes.update_hook(&group, &path, update).await],
+                (_, Ok(one)) => pushes.push(&group, &path, one.into(), atomic).await,
+                (_, Err(all)) => pushes.push(&group, &path, all, atomic).await,
             }
         });
         let verdicts = task
             .await
-            .map_err(|e| Status::internal(format!("push task failed: {e}")))?
-            .map_err(consensus_status)?;
+            .map_err(|e| Status::internal(format!("push task failed: {e}")))?;
         Ok(Response::new(pb::HookPushReply {
             verdicts: verdicts
                 .into_iter()

@@ -9,6 +9,7 @@
 pub mod raft;
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use thiserror::Error;
@@ -74,14 +75,19 @@ pub struct ClusterStatus {
 pub trait Consensus: Send + Sync + 'static {
     fn node_id(&self) -> u64;
 
+    /// How long a write may wait for the cluster before failing.
+    fn request_timeout(&self) -> Duration;
+
     /// Compare-and-swap of several refs of one group, decided in one step:
     /// per ref, or all or nothing when `atomic`. One outcome per update, in
-    /// order.
+    /// order. Fails by `deadline` at the latest (or the request timeout,
+    /// whichever comes first).
     async fn update_refs(
         &self,
         group: &str,
         updates: Vec<RefUpdate>,
         atomic: bool,
+        deadline: Instant,
     ) -> Result<Vec<RefOutcome>, ConsensusError>;
 
     /// One ref's compare-and-swap.
@@ -97,16 +103,22 @@ pub trait Consensus: Send + Sync + 'static {
             expected: expected.map(String::from),
             new: new.map(String::from),
         };
-        let mut out = self.update_refs(group, vec![update], false).await?;
+        let deadline = Instant::now() + self.request_timeout();
+        let mut out = self
+            .update_refs(group, vec![update], false, deadline)
+            .await?;
         out.pop()
             .ok_or_else(|| ConsensusError::Refused("no outcome for the update".into()))
     }
 
-    /// Replaces every consensus ref of `group` with `refs` (name -> id).
+    /// Replaces every consensus ref of `group` with `refs` (name -> id), if
+    /// the group is still at `expected_version` (nothing landed since the
+    /// caller looked); else `Refused` and nothing changes.
     async fn clobber(
         &self,
         group: &str,
         refs: BTreeMap<String, String>,
+        expected_version: u64,
     ) -> Result<(), ConsensusError>;
 
     /// Records that `node_id` hosts a replica of `group` at `path`.

@@ -147,8 +147,16 @@ impl RaftConsensus {
     /// if the majority goes away afterwards the answer is `LostQuorum` (or
     /// `TimedOut`), which say the outcome is unknown.
     async fn propose(&self, op: Op) -> Result<Outcome, ConsensusError> {
+        self.propose_by(op, Instant::now() + self.request_timeout)
+            .await
+    }
+
+    /// [`RaftConsensus::propose`], failing by `deadline` at the latest.
+    async fn propose_by(&self, op: Op, deadline: Instant) -> Result<Outcome, ConsensusError> {
         let start = Instant::now();
-        let patience = NO_QUORUM_AFTER.min(self.request_timeout);
+        let deadline = deadline.min(start + self.request_timeout);
+        let bound = deadline.saturating_duration_since(start);
+        let patience = NO_QUORUM_AFTER.min(bound);
         while !self.can_propose() {
             if start.elapsed() >= patience {
                 return Err(ConsensusError::NoQuorum);
@@ -164,6 +172,8 @@ impl RaftConsensus {
         }
         .encode_to_vec();
         let mut waiting = self.proposals.register(request_id);
+        // Forgotten however this ends, a caller that gave up included.
+        let _forget = Forget(&self.proposals, request_id);
         // The leader (and its term) the proposal was last offered to. A
         // leader that lost its term may have dropped or overwritten it, and
         // a node that restarts and wins again is the same id in a new term.
@@ -202,7 +212,7 @@ impl RaftConsensus {
             if lost_since.is_some_and(|t| t.elapsed() >= patience) {
                 break Err(ConsensusError::LostQuorum);
             }
-            if start.elapsed() >= self.request_timeout {
+            if Instant::now() >= deadline {
                 break Err(if lost_since.is_some() {
                     ConsensusError::LostQuorum
                 } else {
@@ -210,7 +220,6 @@ impl RaftConsensus {
                 });
             }
         };
-        self.proposals.forget(request_id);
         result
     }
 
@@ -224,6 +233,15 @@ impl RaftConsensus {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+/// Forgets a proposal's waiter when dropped.
+struct Forget<'a>(&'a Proposals, u64);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.forget(self.1);
     }
 }
 
@@ -244,11 +262,16 @@ impl Consensus for RaftConsensus {
         self.id
     }
 
+    fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     async fn update_refs(
         &self,
         group: &str,
         updates: Vec<RefUpdate>,
         atomic: bool,
+        deadline: Instant,
     ) -> Result<Vec<RefOutcome>, ConsensusError> {
         let count = updates.len();
         let op = Op::Push(pb::PushOp {
@@ -264,7 +287,7 @@ impl Consensus for RaftConsensus {
             atomic,
             proposer: self.id,
         });
-        match self.propose(op).await? {
+        match self.propose_by(op, deadline).await? {
             Outcome::Push(out) if out.len() == count => Ok(out),
             Outcome::Refused(why) => Err(ConsensusError::Refused(why)),
             other => Err(ConsensusError::Refused(format!(
@@ -277,6 +300,7 @@ impl Consensus for RaftConsensus {
         &self,
         group: &str,
         refs: BTreeMap<String, String>,
+        expected_version: u64,
     ) -> Result<(), ConsensusError> {
         let refs = refs
             .into_iter()
@@ -291,6 +315,7 @@ impl Consensus for RaftConsensus {
                 group: group.into(),
                 refs,
                 proposer: self.id,
+                expected_version,
             }))
             .await?,
         )

@@ -320,7 +320,7 @@ mod tests {
 
     fn open(dir: &tempfile::TempDir) -> RaftStorage {
         let disk = Arc::new(Disk::open(&dir.path().join("db")).unwrap());
-        let state = Arc::new(StateMachine::open(disk.db()).unwrap());
+        let state = Arc::new(StateMachine::open(disk.clone()).unwrap());
         RaftStorage::open(disk, state, &[1, 2, 3]).unwrap()
     }
 
