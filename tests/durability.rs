@@ -2,7 +2,7 @@
 //! acknowledged push when the host that took it is destroyed at once.
 //!
 //! Real nodes, real git. The fsync check watches the nodes' system calls
-//! with strace (`apt-get install strace`; `.ci/run` installs it).
+//! with strace, which the harness installs (apt) when it is missing.
 
 #[path = "harness/mod.rs"]
 mod harness;
@@ -112,6 +112,7 @@ fn synced(calls: &[Call], since: f64, wanted: impl Fn(&str) -> bool) -> Option<&
 /// fetched and its index, its log, and the ref it moved.
 #[test]
 fn every_write_a_push_depends_on_is_fsynced() {
+    harness::tools::require("strace", "strace");
     let c = Cluster::start_with(3, &["--reconcile-interval-ms", "1000"]);
     let reps = git::replicas(&c, GROUP);
     let user = Work::new(&c, "alice");

@@ -13,6 +13,8 @@
 pub mod git;
 /// A TCP proxy that can black-hole a link, for partitions.
 pub mod proxy;
+/// Programs beyond git that some tests need, installed when missing.
+pub mod tools;
 /// Watching refs change, fast, and judging the history.
 pub mod sampler;
 
