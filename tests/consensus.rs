@@ -16,6 +16,58 @@ use harness::*;
 
 const MAIN: &str = "refs/heads/main";
 
+/// A cluster of three whose requests time out after [`harness::SHORT_REQUEST_TIMEOUT_MS`].
+fn cluster_with_request_timeout() -> Cluster {
+    Cluster::start_with(
+        3,
+        &[
+            "--request-timeout-ms",
+            &harness::SHORT_REQUEST_TIMEOUT_MS.to_string(),
+        ],
+    )
+}
+
+/// On node `id`, cut off from the majority: a linearizable `ref get` must
+/// refuse (the majority may have moved on without this node, so its own
+/// state is no answer) with one line on stderr that names the missing
+/// quorum, nothing on stdout, within [`harness::REFUSAL_BOUND`]; `ref get --local`
+/// still answers, with `last` (what the node applied before it was cut off).
+#[track_caller]
+fn assert_minority_refuses_linearizable_read(
+    c: &Cluster,
+    id: u64,
+    group: &str,
+    last: &BTreeMap<String, String>,
+) {
+    let sock = c.socket(id);
+    let sock = sock.to_str().expect("socket path is UTF-8");
+    let start = Instant::now();
+    let o = c.run(&["ref", "--node", sock, "get", group, "--json"]);
+    let elapsed = start.elapsed();
+    let line = assert_one_line_error(&o, 1);
+    eprintln!("linearizable read on node {id}, after {elapsed:?}: {line}");
+    assert!(
+        line.contains("quorum"),
+        "a linearizable read on a minority must say the quorum is missing: {}",
+        show(&o)
+    );
+    assert!(
+        stdout(&o).trim().is_empty(),
+        "a refused read printed refs anyway: {}",
+        show(&o)
+    );
+    assert!(
+        elapsed < harness::REFUSAL_BOUND,
+        "the refusal of a linearizable read took {elapsed:?}; bound {:?}",
+        harness::REFUSAL_BOUND
+    );
+    assert_eq!(
+        &c.refs(id, group, true /* local */),
+        last,
+        "ref get --local on the minority node {id}"
+    );
+}
+
 #[test]
 fn three_nodes_elect_one_leader() {
     let c = Cluster::start(3);
@@ -211,9 +263,14 @@ fn leader_killed_new_leader_elected_and_restart_catches_up() {
     }
 }
 
+/// Two of three nodes are SIGKILLed, the leader among them. The survivor
+/// refuses compare-and-swaps (moves, creations) with one line saying "no
+/// quorum" within the bound, refuses linearizable reads the same way, and
+/// still answers local reads with the last value. Once the others are back,
+/// that value is intact everywhere and the cluster takes writes again.
 #[test]
 fn two_nodes_killed_no_quorum() {
-    let mut c = Cluster::start_with(3, &["--request-timeout-ms", "3000"]);
+    let mut c = cluster_with_request_timeout();
     assert_eq!(c.cas_ok(1, "g", MAIN, ZERO, &oid(1)), oid(1));
     let leader = c.wait_leader();
     // The survivor is a follower; kill the leader and the other follower.
@@ -230,8 +287,9 @@ fn two_nodes_killed_no_quorum() {
     let line = assert_one_line_error(&o, 1);
     assert!(line.contains("no quorum"), "{}", show(&o));
     assert!(
-        elapsed < Duration::from_secs(15),
-        "no-quorum error took {elapsed:?} (request timeout 3s)"
+        elapsed < harness::REFUSAL_BOUND,
+        "no-quorum error took {elapsed:?}; bound {:?}",
+        harness::REFUSAL_BOUND
     );
     // Deleting and creating fail the same way.
     let o = c.cas(survivor, "g", "refs/heads/other", ZERO, &oid(3));
@@ -241,10 +299,13 @@ fn two_nodes_killed_no_quorum() {
         show(&o)
     );
 
-    // The minority still serves local reads, and they show nothing changed.
-    assert_eq!(
-        c.refs(survivor, "g", true /* local */),
-        BTreeMap::from([(MAIN.to_string(), oid(1))])
+    // The minority refuses linearizable reads and still serves local ones,
+    // which show nothing changed.
+    assert_minority_refuses_linearizable_read(
+        &c,
+        survivor,
+        "g",
+        &BTreeMap::from([(MAIN.to_string(), oid(1))]),
     );
     // Its status still answers and names no leader.
     let s = c.status(survivor);
@@ -285,11 +346,14 @@ fn two_nodes_killed_no_quorum() {
     );
 }
 
+/// Like `two_nodes_killed_no_quorum`, but the survivor is the leader, which
+/// still believes it leads for a moment after losing its followers: it
+/// refuses a linearizable read at once, then (once it sees it is alone) a
+/// compare-and-swap with "no quorum ... nothing was changed" within the
+/// bound; and the refused CAS never takes effect after the others return.
 #[test]
 fn minority_leader_rejects_with_no_quorum_and_changes_nothing() {
-    // Like two_nodes_killed_no_quorum, but the survivor is the leader, which
-    // still believes it leads for a moment after losing its followers.
-    let mut c = Cluster::start_with(3, &["--request-timeout-ms", "3000"]);
+    let mut c = cluster_with_request_timeout();
     assert_eq!(c.cas_ok(1, "g", MAIN, ZERO, &oid(1)), oid(1));
     let leader = c.wait_leader();
     for id in 1..=3 {
@@ -297,6 +361,12 @@ fn minority_leader_rejects_with_no_quorum_and_changes_nothing() {
             c.kill(id);
         }
     }
+    // At once, while it may still believe it leads: a leader that answered
+    // linearizable reads from its own state (as if it held a lease) would
+    // answer here, and after a real partition the majority could have moved
+    // on without it.
+    let before = BTreeMap::from([(MAIN.to_string(), oid(1))]);
+    assert_minority_refuses_linearizable_read(&c, leader, "g", &before);
     // Once the survivor can see it is alone (as its status shows), it must
     // refuse without proposing: a proposal, once in its log, could still be
     // committed by a later leader. Before that moment the honest answer is
@@ -322,11 +392,12 @@ fn minority_leader_rejects_with_no_quorum_and_changes_nothing() {
         "{}",
         show(&o)
     );
-    assert!(elapsed < Duration::from_secs(15), "took {elapsed:?}");
-    assert_eq!(
-        c.refs(leader, "g", true),
-        BTreeMap::from([(MAIN.to_string(), oid(1))])
+    assert!(
+        elapsed < harness::REFUSAL_BOUND,
+        "took {elapsed:?}; bound {:?}",
+        harness::REFUSAL_BOUND
     );
+    assert_eq!(c.refs(leader, "g", true), before);
     for id in 1..=3 {
         if id != leader {
             c.restart(id);

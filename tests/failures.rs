@@ -5,6 +5,7 @@
 #[path = "harness/mod.rs"]
 mod harness;
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use harness::git::{self, Work};
@@ -94,12 +95,19 @@ fn out_of_date_replica_rejects_stale_push_then_pull_and_push_works() {
 }
 
 /// Scenario 2, as it happens: node 3 is down while the group moves on; the
-/// moment it is back, pushes reach its replica before or while it catches up.
-/// Work that builds on the group's value is accepted (rule 3 or plain CAS);
-/// stale work is told to retry (by the hook, or by git if the replica has
-/// already caught up); after a pull, the push works.
+/// moment it is back, a user whose clone is exactly as stale as replica 3
+/// pushes work on top of it there. While replica 3 has not caught up, git
+/// lets that push through to piehole's hook, which refuses it with the retry
+/// message. If replica 3 caught up before git looked, git itself refuses
+/// ("fetch first"), which is right too, and the round (node 3 down, the
+/// group moves, node 3 back, the stale push) is repeated, a bounded number
+/// of times, until piehole's message has been seen. Work that builds on the
+/// group's value, pushed right after, is accepted at once (rule 3 or a plain
+/// CAS); after a pull the stale user's push works.
 #[test]
 fn replica_whose_node_was_down_accepts_descendants_and_rejects_stale_work() {
+    /// Node 3 down/up cycles allowed for piehole's message to show once.
+    const ROUNDS: usize = 4;
     let mut c = cluster();
     let reps = git::replicas(&c, GROUP);
     let alice = Work::new(&c, "alice");
@@ -108,33 +116,67 @@ fn replica_whose_node_was_down_accepts_descendants_and_rejects_stale_work() {
     git::wait_converged(&c, &reps, MAIN, Some(&c1));
     let stale = Work::clone_from(&c, "stale", &reps[2]);
 
-    c.kill(3);
-    let c2 = alice.commit("c2");
-    alice.push_ok(&reps[0], &["main"]);
-    git::wait_converged(&c, &reps[..2], MAIN, Some(&c2));
-    assert_eq!(git::rev_parse_ref(&reps[2], MAIN), Some(c1.clone()));
+    let mut told_by_piehole = false;
+    let mut refused_by_git = 0;
+    for round in 1..=ROUNDS {
+        c.kill(3);
+        let moved_on = alice.commit(&format!("round {round}: while node 3 is down"));
+        alice.push_ok(&reps[0], &["main"]);
+        git::wait_converged(&c, &reps[..2], MAIN, Some(&moved_on));
+        let behind = git::rev_parse_ref(&reps[2], MAIN).expect("replica 3 has main");
+        assert_ne!(behind, moved_on, "replica 3 moved while its node was down");
+        // The stale user's work sits on what replica 3 still has (git reads
+        // a replica's files without its node), so git has no reason of its
+        // own to refuse it while replica 3 is behind.
+        let out = stale.fetch(&reps[2]);
+        git::assert_ok(&out, "stale: git fetch from replica 3");
+        stale.git_ok(&["reset", "--quiet", "--hard", "refs/remotes/r/main"]);
+        assert_eq!(stale.head(), behind);
+        stale.commit(&format!("round {round}: stale work"));
 
-    let a3 = alice.commit("a3 on c2");
-    let u1 = stale.commit("u1 on c1");
-    c.restart(3);
-    // At once: Alice's work descends from the group's value.
-    alice.push_ok(&reps[2], &["main"]);
-    // The stale user's work does not.
-    let out = stale.push(&reps[2], &["main"]);
+        c.restart(3);
+        let out = stale.push(&reps[2], &["main"]);
+        assert!(
+            !out.status.success(),
+            "round {round}: a stale push must not win:\n{}",
+            harness::show(&out)
+        );
+        let err = harness::stderr(&out);
+        if err.contains("remote: refs/heads/main: this replica is catching up") {
+            assert_told_to_retry(&out, &moved_on);
+            told_by_piehole = true;
+        } else {
+            // git refuses on its own only when replica 3 already showed a
+            // commit the stale user does not have: the group's value.
+            assert!(
+                err.contains("(fetch first)"),
+                "round {round}: the stale push was refused by neither piehole's hook nor git's fetch-first check:\n{err}"
+            );
+            refused_by_git += 1;
+        }
+        eprintln!(
+            "round {round}: the stale push was refused by {}",
+            if told_by_piehole {
+                "piehole's hook (replica 3 still behind)"
+            } else {
+                "git (replica 3 had already caught up)"
+            }
+        );
+        // At once: Alice's work descends from the group's value.
+        let next = alice.commit(&format!("round {round}: on the group's value"));
+        alice.push_ok(&reps[2], &["main"]);
+        git::wait_converged(&c, &reps, MAIN, Some(&next));
+        if told_by_piehole {
+            break;
+        }
+    }
+    eprintln!("git refused {refused_by_git} stale push(es) before piehole's hook saw one");
     assert!(
-        !out.status.success(),
-        "a stale push must not win:\n{}",
-        harness::show(&out)
+        told_by_piehole,
+        "in {ROUNDS} rounds replica 3 always caught up before a push right after its node's restart could reach the hook; piehole's retry message was never shown"
     );
-    let err = harness::stderr(&out);
-    assert!(
-        err.contains("pull and push again")
-            || err.contains("fetch first")
-            || err.contains("non-fast-forward"),
-        "the stale pusher is told to pull first:\n{err}"
-    );
-    git::wait_converged(&c, &reps, MAIN, Some(&a3));
 
+    // Pull and push again, as told.
     let out = stale.git(&[
         "pull",
         "--quiet",
@@ -143,35 +185,98 @@ fn replica_whose_node_was_down_accepts_descendants_and_rejects_stale_work() {
         "main",
     ]);
     git::assert_ok(&out, "stale: git pull --rebase");
-    let u2 = stale.head();
-    assert_ne!(u2, u1);
+    let rebased = stale.head();
     stale.push_ok(&reps[2], &["main"]);
-    git::wait_converged(&c, &reps, MAIN, Some(&u2));
+    git::wait_converged(&c, &reps, MAIN, Some(&rebased));
+    assert_eq!(git::consensus(&c, 1, GROUP).get(MAIN), Some(&rebased));
     for r in &reps {
         git::fsck(r);
     }
 }
 
-/// Scenario 3, for real: the origin's node is SIGKILLed right after the push
-/// and its repository destroyed. The user pushes the same commit to another
-/// replica (accepted), then newer work (accepted); replicas 2 and 3 converge.
+/// Scenario 3, for real: a push is acknowledged by replica 1 (the origin)
+/// and the origin's host is destroyed (node SIGKILLed, repository deleted)
+/// before any other replica has the push's objects. The consensus names a
+/// commit no surviving replica has; the user pushes the same commit to
+/// another replica, which piehole's hook accepts (rule 1), then newer work
+/// to the third; the surviving replicas converge.
+///
+/// Where every member hosts a replica, the majority that commits a push
+/// always includes another replica's node, which fetches the objects within
+/// milliseconds: the window is real but no test can aim at it. So this
+/// cluster has five members and replicas on nodes 1 to 3 only; nodes 4 and
+/// 5 vote and host nothing (a tie-breaker host). Nodes 2 and 3 are cut off
+/// the network (their processes keep running) while nodes 1, 4 and 5
+/// commit the push, and node 1 is dead and its replica gone before the cut
+/// heals: whatever the timing, no surviving replica can have the commit,
+/// and the test checks that they do not before the recovery push.
 #[test]
 fn meteor_origin_destroyed_user_pushes_same_then_newer_work_elsewhere() {
-    let mut c = cluster();
-    let reps = git::replicas(&c, GROUP);
+    let mut c = Cluster::start_partitionable(5, &["--reconcile-interval-ms", "1000"]);
+    let reps: Vec<PathBuf> = (1..=3)
+        .map(|id| {
+            let repo = git::bare_repo(&c, id, GROUP);
+            git::install_ok(&c, id, &repo);
+            repo
+        })
+        .collect();
     let user = Work::new(&c, "laptop");
     let c1 = user.commit("c1");
     user.push_ok(&reps[0], &["main"]);
     git::wait_converged(&c, &reps, MAIN, Some(&c1));
 
+    // Replicas 2 and 3 are out of reach; nodes 1, 4 and 5 are a majority.
+    c.isolate(2);
+    c.isolate(3);
+    wait_leader_among(&c, &[1, 4, 5]);
     let c2 = user.commit("c2 at home");
     user.push_ok(&reps[0], &["main"]);
+    assert_eq!(git::consensus(&c, 1, GROUP).get(MAIN), Some(&c2));
+    // The meteor.
     c.kill(1);
     std::fs::remove_dir_all(&reps[0]).expect("destroy replica 1");
-
-    // From the coffeehouse: the same work, to replica 2.
-    user.push_ok(&reps[1], &["main"]);
     let survivors = &reps[1..];
+    c.heal(2);
+    c.heal(3);
+    // Nodes 2 and 3 learn that the group moved to c2 ...
+    harness::poll_until(
+        "nodes 2 and 3 to apply the consensus value c2",
+        git::CONVERGE,
+        || {
+            [2, 3]
+                .iter()
+                .all(|&id| {
+                    git::consensus_local(&c, id, GROUP)
+                        .is_some_and(|refs| refs.get(MAIN) == Some(&c2))
+                })
+                .then_some(())
+        },
+    );
+    // ... which no surviving replica has: the state the recovery starts from.
+    for r in survivors {
+        let out = git::git(r, &["cat-file", "-e", &c2]);
+        assert!(
+            !out.status.success(),
+            "{} has c2 although only the destroyed origin ever had it",
+            r.display()
+        );
+        assert_eq!(git::rev_parse_ref(r, MAIN), Some(c1.clone()));
+    }
+
+    // From the coffeehouse: the same work, to replica 2. Replica 2 is at c1,
+    // so git sends the update, and piehole's hook decides it.
+    let out = user.push(&reps[1], &["main"]);
+    git::assert_ok(&out, "the recovery push of c2 to replica 2");
+    let err = harness::stderr(&out);
+    assert!(
+        !err.contains("Everything up-to-date"),
+        "the recovery push did not reach the hook:\n{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("main -> main") && l.contains(&c1[..7]) && l.contains(&c2[..7])),
+        "git reports main moved from c1 to c2, as the hook accepted it:\n{err}"
+    );
     git::wait_converged(&c, survivors, MAIN, Some(&c2));
     // And newer work.
     let c3 = user.commit("c3 at the coffeehouse");
@@ -182,6 +287,25 @@ fn meteor_origin_destroyed_user_pushes_same_then_newer_work_elsewhere() {
         git::fsck(r);
         git::assert_refs_resolve(r);
     }
+}
+
+/// Waits until every node in `ids` names the same leader, one of `ids`.
+fn wait_leader_among(c: &Cluster, ids: &[u64]) -> u64 {
+    harness::poll_until(
+        &format!("nodes {ids:?} to agree on a leader among themselves"),
+        Duration::from_secs(20),
+        || {
+            let mut leader = None;
+            for &id in ids {
+                let l = c.try_status(id)?["leader_id"].as_u64()?;
+                if !ids.contains(&l) || leader.is_some_and(|x| x != l) {
+                    return None;
+                }
+                leader = Some(l);
+            }
+            leader
+        },
+    )
 }
 
 /// Scenario 3, made deterministic: the consensus names a commit that no
@@ -391,7 +515,7 @@ fn leader_lost_pushes_continue_then_minority_says_no_quorum() {
         3,
         &[
             "--request-timeout-ms",
-            "3000",
+            &harness::SHORT_REQUEST_TIMEOUT_MS.to_string(),
             "--reconcile-interval-ms",
             "1000",
         ],
@@ -422,8 +546,7 @@ fn leader_lost_pushes_continue_then_minority_says_no_quorum() {
     c.kill(s1);
     let before = git::replicated_refs(&rep(s2));
     user.commit("c4");
-    // Within the bound: request timeout 3 s, plus a margin.
-    user.push_main_says_no_quorum(&rep(s2), Duration::from_secs(10));
+    user.push_main_says_no_quorum(&rep(s2), harness::REFUSAL_BOUND);
     assert_eq!(git::replicated_refs(&rep(s2)), before);
     // Reads still work on the minority side.
     let local =
@@ -447,27 +570,168 @@ fn leader_lost_pushes_continue_then_minority_says_no_quorum() {
 }
 
 /// A node SIGKILLed in the middle of replicating a large push (~30 MB) and
-/// restarted: replication completes, and every replica passes `git fsck
-/// --full` with no ref pointing at a missing object.
+/// restarted: replication completes, every replica passes `git fsck --full`
+/// with no ref pointing at a missing object, and the interrupted transfer
+/// left nothing behind: no temporary pack, no temporary object file, no
+/// lock, in any replica.
+///
+/// The kill is aimed at a transfer in progress. Node 2 indexes what a peer
+/// sends through libgit2's pack writer, which streams into
+/// `objects/pack/pack_git2_<16 hex>` and renames the pack into place only
+/// once it is complete. The push runs in the background while the test
+/// watches replica 2's pack directory, and node 2 is killed as soon as such
+/// a file holds pack data (1 MiB of it) and replica 2's main has not moved;
+/// afterwards the tip must still be missing from replica 2 (the kill came
+/// before the pack was complete). If the transfer finished in between, the round is repeated
+/// with another large commit, a bounded number of times.
 #[test]
 fn node_killed_during_large_replication_completes_after_restart() {
+    /// Large pushes allowed for one kill to land inside a transfer.
+    const ROUNDS: u64 = 3;
+    /// How often replica 2's pack directory is looked at: a transfer of
+    /// ~30 MB takes far longer.
+    const WATCH_EVERY: Duration = Duration::from_millis(2);
+    /// Bytes of the ~30 MB pack that must have arrived before the kill.
+    const STREAMING: u64 = 1024 * 1024;
     let mut c = cluster();
     let reps = git::replicas(&c, GROUP);
     let user = Work::new(&c, "big");
     user.commit("root");
     user.fast_import_commits("main", 300);
-    for i in 0..3u64 {
-        let data = git::random_bytes(0xb16_0000 + i, 10 * 1024 * 1024);
-        user.commit_file(&format!("big-{i}.bin"), &data, &format!("10 MB blob {i}"));
+    let mut interrupted = None;
+    for round in 0..ROUNDS {
+        for i in 0..3u64 {
+            let data = git::random_bytes(0xb16_0000 + 16 * round + i, 10 * 1024 * 1024);
+            user.commit_file(
+                &format!("big-{round}-{i}.bin"),
+                &data,
+                &format!("round {round}: 10 MB blob {i}"),
+            );
+        }
+        let tip = user.head();
+        let debris = temporary_files(&reps[1]);
+        assert!(
+            debris.is_empty(),
+            "round {round}: replica 2 at rest holds {debris:?}"
+        );
+        let (work, origin) = (user.path.clone(), reps[0].clone());
+        let push = std::thread::spawn(move || {
+            git::git(&work, &["push", origin.to_str().unwrap(), "main"])
+        });
+        // Some(Some(file)): pack data is streaming in; Some(None): the
+        // transfer finished unseen. The writer creates its file before the
+        // first byte arrives, so only a file with data in it shows a
+        // transfer under way, not merely asked for.
+        let seen = harness::poll(WATCH_EVERY, git::CONVERGE, || {
+            let moved = git::rev_parse_ref(&reps[1], MAIN).as_deref() == Some(tip.as_str());
+            let writing = temporary_files(&reps[1]).into_iter().find(|f| {
+                file_name(f).starts_with("pack_git2_")
+                    && std::fs::metadata(f).is_ok_and(|m| m.len() >= STREAMING)
+            });
+            match writing {
+                Some(f) if !moved => Some(Some(f)),
+                _ if moved => Some(None),
+                _ => None,
+            }
+        });
+        let writing = match seen {
+            Some(Some(f)) => {
+                c.kill(2);
+                Some(f)
+            }
+            Some(None) => None,
+            None => {
+                harness::dump_logs();
+                panic!("round {round}: replica 2 neither started nor finished fetching the push");
+            }
+        };
+        let out = push.join().expect("the push thread");
+        git::assert_ok(&out, &format!("round {round}: git push of {tip}"));
+        // The kill landed inside the transfer only if the pack never
+        // became part of replica 2.
+        let tip_there = git::git(&reps[1], &["cat-file", "-e", &tip])
+            .status
+            .success();
+        match writing {
+            Some(f) if !tip_there => {
+                let len = std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
+                eprintln!(
+                    "round {round}: node 2 killed while writing {} ({len} bytes in)",
+                    f.display()
+                );
+                assert!(
+                    f.exists(),
+                    "the temporary pack vanished as the node died: {}",
+                    f.display()
+                );
+                interrupted = Some(round);
+            }
+            Some(_) => {
+                eprintln!("round {round}: the transfer completed before the kill; again");
+            }
+            None => eprintln!("round {round}: the transfer completed unseen; again"),
+        }
+        if !c.is_running(2) {
+            c.restart(2);
+        }
+        git::wait_converged(&c, &reps, MAIN, Some(&tip));
+        if interrupted.is_some() {
+            break;
+        }
     }
-    let tip = user.head();
-    user.push_ok(&reps[0], &["main"]);
-    c.kill(2);
-    c.restart(2);
-    git::wait_converged(&c, &reps, MAIN, Some(&tip));
+    assert!(
+        interrupted.is_some(),
+        "in {ROUNDS} rounds no kill landed inside a transfer to replica 2"
+    );
     for r in &reps {
         git::fsck(r);
         git::assert_refs_resolve(r);
+        let left: Vec<(PathBuf, u64)> = temporary_files(r)
+            .into_iter()
+            .map(|f| {
+                let len = std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
+                (f, len)
+            })
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{} still holds temporary files (path, bytes) after converging: {left:?}",
+            r.display()
+        );
     }
     git::fsck_clone(&reps[1]);
+}
+
+/// The last component of a path, lossily as text.
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Files under `repo/objects` that only exist while something writes:
+/// libgit2's temporary packs (`pack_git2_*`), git's temporary packs and
+/// object files and quarantine directories (`tmp_*`), and lock files
+/// (`*.lock`). A replica at rest has none.
+fn temporary_files(repo: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![repo.join("objects")];
+    while let Some(dir) = dirs.pop() {
+        // A file can be renamed away between listing and looking: skip it.
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = file_name(&path);
+            if name.starts_with("pack_git2_") || name.starts_with("tmp_") || name.ends_with(".lock")
+            {
+                found.push(path);
+            } else if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
 }

@@ -36,7 +36,8 @@ const CATCH_UP_BOUND: Duration = Duration::from_secs(2);
 /// majority's last commit within 2 s, and every replica passes fsck.
 #[test]
 fn cut_off_leader_says_no_quorum_majority_goes_on_and_it_catches_up_within_2s_of_heal() {
-    let mut c = Cluster::start_partitionable(3, &["--request-timeout-ms", "3000"]);
+    let timeout = harness::SHORT_REQUEST_TIMEOUT_MS.to_string();
+    let mut c = Cluster::start_partitionable(3, &["--request-timeout-ms", &timeout]);
     let reps = git::replicas(&c, GROUP);
     let rep = |id: u64| reps[(id - 1) as usize].clone();
     let user = Work::new(&c, "majority");
@@ -87,8 +88,7 @@ fn cut_off_leader_says_no_quorum_majority_goes_on_and_it_catches_up_within_2s_of
     );
     let stranded = Work::clone_from(&c, "cut-off", &rep(leader));
     stranded.commit("work on the cut-off side");
-    // Within the bound: request timeout 3 s, plus a margin.
-    stranded.push_main_says_no_quorum(&rep(leader), Duration::from_secs(10));
+    stranded.push_main_says_no_quorum(&rep(leader), harness::REFUSAL_BOUND);
     assert_eq!(git::rev_parse_ref(&rep(leader), MAIN), Some(c1.clone()));
 
     // The majority goes on, alternating between its two replicas; each push

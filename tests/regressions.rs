@@ -102,18 +102,14 @@ fn wrap_piehole_hooks(repo: &Path, body: &str) {
 
 /// Waits for `child` at most `bound`; kills it and returns None if it is still running.
 fn wait_bounded(child: &mut Child, bound: Duration) -> Option<ExitStatus> {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        if start.elapsed() >= bound {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let status = harness::poll(harness::POLL_EVERY, bound, || {
+        child.try_wait().expect("try_wait")
+    });
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
+    status
 }
 
 /// Polls `f` for at most `bound`; whether it came true. For a wait whose
@@ -318,12 +314,14 @@ fn a_ref_no_replica_can_serve_does_not_block_other_refs() {
 }
 
 /// Node 1 is frozen (SIGSTOP: its socket accepts connections but nothing
-/// answers). A push to replica 1 must end within 10 s (request timeout 3 s),
-/// failing with a message that says the node did not answer. The phrase
-/// "did not answer" is part of the new interface.
+/// answers). A push to replica 1 must end within the refusal bound (request
+/// timeout 3 s + the hook's 3 s margin + process start), failing with a
+/// message that says the node did not answer. The phrase "did not answer"
+/// is part of the new interface.
 #[test]
 fn a_push_to_a_frozen_node_fails_within_the_bound() {
-    let c = Cluster::start_with(3, &["--request-timeout-ms", "3000"]);
+    let timeout = harness::SHORT_REQUEST_TIMEOUT_MS.to_string();
+    let c = Cluster::start_with(3, &["--request-timeout-ms", &timeout]);
     let (reps, user, _) = group_with_main(&c);
     user.commit("c2, pushed to a frozen node");
     let _frozen = Frozen::stop(&c, 1);
@@ -338,11 +336,12 @@ fn a_push_to_a_frozen_node_fails_within_the_bound() {
         .spawn()
         .expect("spawn git push");
     let started = Instant::now();
-    let status = wait_bounded(&mut push, Duration::from_secs(10));
+    let bound = harness::REFUSAL_BOUND;
+    let status = wait_bounded(&mut push, bound);
     let err = std::fs::read_to_string(&err_path).unwrap_or_default();
     let Some(status) = status else {
         panic!(
-            "git push to replica 1 did not exit within 10 s while node 1 was frozen (killed it); stderr so far:\n{err}"
+            "git push to replica 1 did not exit within {bound:?} while node 1 was frozen (killed it); stderr so far:\n{err}"
         );
     };
     assert!(

@@ -94,6 +94,16 @@ struct Attempt {
     stderr: String,
 }
 
+/// Two users push conflicting commits on the same base at the same moment,
+/// A to replica 1 and B to replica 2, for three rounds. Each round exactly
+/// one push wins; the loser is told to pull and push again, and no replica
+/// ever holds the loser's commit, only the base or the winner's. The loser
+/// pushed to a replica that is behind the group (the winner's commit had
+/// not reached it when git read its refs), so piehole's hook is what
+/// refuses it; git refuses on its own ("fetch first") only if the winner
+/// had already replicated there, which a round may see but not every round:
+/// piehole's retry message must show at least once. After a pull the
+/// loser's push goes through.
 #[test]
 fn concurrent_conflicting_pushes_one_wins_and_replicas_never_diverge() {
     let c = cluster();
@@ -105,6 +115,7 @@ fn concurrent_conflicting_pushes_one_wins_and_replicas_never_diverge() {
 
     let a = Work::clone_from(&c, "a", &reps[0]);
     let b = Work::clone_from(&c, "b", &reps[1]);
+    let mut told_by_piehole = 0;
     for round in 0..3 {
         let ca = a.commit(&format!("a round {round}"));
         let cb = b.commit(&format!("b round {round}"));
@@ -138,17 +149,20 @@ fn concurrent_conflicting_pushes_one_wins_and_replicas_never_diverge() {
         } else {
             (cb.clone(), ca.clone(), ra, &a, &reps[0])
         };
-        // The loser is told to pull and push again — by piehole's hook, or
-        // by git itself if the winner had already replicated there.
+        // The loser is told to pull and push again: by piehole's hook, or
+        // by git itself if the winner had already replicated there (then
+        // git saw a commit the loser lacks: "fetch first").
         let told_to_retry = loser.stderr.contains("this replica is catching up")
             && loser.stderr.contains("pull and push again");
-        let git_said_behind =
-            loser.stderr.contains("fetch first") || loser.stderr.contains("non-fast-forward");
+        let git_said_behind = loser.stderr.contains("(fetch first)");
         assert!(
             told_to_retry || git_said_behind,
             "round {round}: the losing push should be told to retry:\n{}",
             loser.stderr
         );
+        if told_to_retry {
+            told_by_piehole += 1;
+        }
         eprintln!(
             "round {round}: {} won; loser told by {}",
             if a_won {
@@ -225,6 +239,10 @@ fn concurrent_conflicting_pushes_one_wins_and_replicas_never_diverge() {
         assert_eq!(b.head(), merged);
         base = merged;
     }
+    assert!(
+        told_by_piehole > 0,
+        "in 3 rounds no losing push reached piehole's hook: git refused every one itself"
+    );
     for r in &reps {
         git::fsck(r);
     }

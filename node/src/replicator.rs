@@ -66,6 +66,8 @@ pub struct Replicator {
     builds: Arc<Semaphore>,
     /// Repositories with a `git gc --auto` under way.
     gc_running: Mutex<BTreeSet<PathBuf>>,
+    /// Repositories already rid of what a killed predecessor left.
+    cleaned: Mutex<BTreeSet<PathBuf>>,
 }
 
 fn now_ms() -> u64 {
@@ -107,6 +109,7 @@ impl Replicator {
             slots: Arc::new(Semaphore::new(PARALLEL_GROUPS)),
             builds: Arc::new(Semaphore::new(PARALLEL_BUILDS)),
             gc_running: Mutex::default(),
+            cleaned: Mutex::default(),
         })
     }
 
@@ -284,6 +287,15 @@ impl Replicator {
             return Ok(None);
         };
         tracing::trace!(group, "replication pass");
+        if self
+            .cleaned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.clone())
+        {
+            let p = path.clone();
+            let _ = blocking(move || Ok(Replica::open(&p)?.clear_leftovers())).await;
+        }
         let synced = self
             .local_refs
             .sync(group, &path, Scope::All, BTreeSet::new(), REFLOG_REPLICATE)

@@ -11,7 +11,7 @@
 //! - [`hooks`]: writing and checking the `update` / `post-update` shims.
 //! - [`config`]: the cheap read of `piehole.*` keys done by every hook run.
 //! - `durable`: libgit2's fsync, on for every process that writes here.
-//! - `locks`: stale ref lock files a killed process left behind.
+//! - `leftovers`: stale ref locks and partial packs a killed process left.
 //! - `maintenance`: `git gc --auto` for replicas that only receive packs.
 //! - [`error`] holds [`RepoError`].
 //!
@@ -25,7 +25,7 @@ pub mod replica;
 
 mod complete;
 mod durable;
-mod locks;
+mod leftovers;
 mod maintenance;
 mod pack;
 

@@ -21,7 +21,7 @@ impl Replica {
     /// NotARepository if absent.
     pub fn open(path: &Path) -> Result<Replica, RepoError> {
         crate::durable::enable_fsync();
-        crate::locks::note_start();
+        crate::leftovers::note_start();
         let repo = open_repository(path)?;
         if !repo.is_bare() {
             return Err(RepoError::NotBare(path.to_path_buf()));
@@ -30,6 +30,12 @@ impl Replica {
             repo,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Removes what a killed predecessor of this process left here: partial
+    /// packs of transfers it never finished. Returns how many.
+    pub fn clear_leftovers(&self) -> usize {
+        crate::leftovers::clear_dead_temporary_packs(self.repo.path())
     }
 
     /// A boolean from the repository's git config (all levels, as git reads
@@ -110,8 +116,8 @@ impl Replica {
         match self.try_set_ref(name, expected, new, message) {
             Err(RepoError::Git(e)) if e.code() == ErrorCode::Locked => {
                 let dir = self.repo.path();
-                let ref_lock = crate::locks::clear_if_stale(&dir.join(format!("{name}.lock")));
-                let packed_lock = crate::locks::clear_if_stale(&dir.join("packed-refs.lock"));
+                let ref_lock = crate::leftovers::clear_if_stale(&dir.join(format!("{name}.lock")));
+                let packed_lock = crate::leftovers::clear_if_stale(&dir.join("packed-refs.lock"));
                 if ref_lock || packed_lock {
                     self.try_set_ref(name, expected, new, message)
                 } else {

@@ -13,10 +13,10 @@
 pub mod git;
 /// A TCP proxy that can black-hole a link, for partitions.
 pub mod proxy;
-/// Programs beyond git that some tests need, installed when missing.
-pub mod tools;
 /// Watching refs change, fast, and judging the history.
 pub mod sampler;
+/// Programs beyond git that some tests need, installed when missing.
+pub mod tools;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -84,6 +84,18 @@ pub fn dump_logs() {
 /// How often a poll looks again: often enough that a wait costs little
 /// beyond the event itself, seldom enough not to load the nodes.
 pub const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// The request timeout (`--request-timeout-ms`) of test clusters that must
+/// refuse quickly: those that lose their majority, or meet a frozen node.
+pub const SHORT_REQUEST_TIMEOUT_MS: u64 = 3_000;
+
+/// How soon a push (or any command) must be refused when the cluster cannot
+/// answer: the node gives up on a consensus request after its request
+/// timeout, and the hook waits 3 s beyond that for it (`MARGIN` in
+/// client/src/cmd/hook.rs), so request timeout + 3 s is the bound a user is
+/// promised; plus 1 s for starting git, the hook and their processes on a
+/// loaded machine.
+pub const REFUSAL_BOUND: Duration = Duration::from_millis(SHORT_REQUEST_TIMEOUT_MS + 3_000 + 1_000);
 
 /// The one poll loop: calls `f` every `every` until it returns `Some`, or
 /// gives `None` once `timeout` has passed without one. For callers that

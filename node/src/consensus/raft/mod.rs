@@ -332,7 +332,13 @@ impl Consensus for RaftConsensus {
 
     async fn group(&self, group: &str, linearizable: bool) -> Result<GroupView, ConsensusError> {
         if linearizable {
-            done(self.propose(Op::Read(pb::ReadOp {})).await?)?;
+            // A read changes nothing, whatever became of it: no "may still
+            // take effect" for a read that lost its majority.
+            let read = match self.propose(Op::Read(pb::ReadOp {})).await {
+                Err(ConsensusError::LostQuorum) => Err(ConsensusError::NoQuorum),
+                other => other,
+            };
+            done(read?)?;
         }
         self.local_group(group)
     }

@@ -1,9 +1,16 @@
-//! Lock files left behind by a killed process. git and libgit2 take a ref's
-//! lock by creating `<ref>.lock` and drop it by renaming or removing it; a
-//! process killed in between leaves the file, and from then on every update
-//! of that ref fails ("locked") until someone removes it. git leaves that
-//! to a human; a node that was SIGKILLed while moving a ref cannot wait for
-//! one, so a lock that no living writer can hold is removed.
+//! What a killed process leaves in a repository.
+//!
+//! - Lock files: git and libgit2 take a ref's lock by creating `<ref>.lock`
+//!   and drop it by renaming or removing it; a process killed in between
+//!   leaves the file, and from then on every update of that ref fails
+//!   ("locked") until someone removes it. git leaves that to a human; a node
+//!   that was SIGKILLed while moving a ref cannot wait for one, so a lock
+//!   that no living writer can hold is removed.
+//! - Temporary packs: libgit2 streams a pack into
+//!   `objects/pack/pack_git2_<random>` and renames it when complete; a node
+//!   killed mid-transfer leaves the partial file, which not even `git gc`
+//!   removes. Only piehole nodes write packs with libgit2 here, one per
+//!   repository at a time, so one older than this process is dead.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -23,6 +30,30 @@ static STARTED: OnceLock<SystemTime> = OnceLock::new();
 /// Notes when this process began using repositories.
 pub(crate) fn note_start() {
     STARTED.get_or_init(SystemTime::now);
+}
+
+/// Removes the partial packs a killed predecessor left in `git_dir`;
+/// returns how many.
+pub(crate) fn clear_dead_temporary_packs(git_dir: &Path) -> usize {
+    let Some(started) = STARTED.get() else {
+        return 0;
+    };
+    let Ok(entries) = std::fs::read_dir(git_dir.join("objects").join("pack")) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let dead = entry.file_name().to_string_lossy().starts_with("pack_git2_")
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m < *started);
+        if dead && std::fs::remove_file(entry.path()).is_ok() {
+            tracing::warn!(file = %entry.path().display(), "removed a partial pack a killed process left");
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Removes `lock` if it is stale; true if it was (and is now gone).
