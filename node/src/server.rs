@@ -96,6 +96,10 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let peer_task = tokio::spawn(
         tonic::transport::Server::builder()
+            // A peer that froze or vanished mid-stream is found in seconds,
+            // and what it held (a pack being built for it) is let go.
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(1)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(2)))
             .add_service(peer)
             .serve_with_incoming(TcpListenerStream::new(tcp).map(no_delay)),
     );
