@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use harness::git::{self, Work};
+use harness::nemesis::signal;
 use harness::{poll_until, ChildGuard, Cluster};
 
 const GROUP: &str = "proj";
@@ -220,16 +221,6 @@ fn every_write_a_push_depends_on_is_fsynced() {
         moved.at,
         pack.at
     );
-}
-
-/// Sends `sig` ("STOP", "CONT") to a process.
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "kill -{sig} {pid} failed");
 }
 
 /// SPEC §7.3 with `--durability quorum`: a large push is acknowledged by

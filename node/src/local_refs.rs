@@ -40,7 +40,8 @@ pub struct Synced {
     pub local: BTreeMap<String, String>,
     /// Consensus values whose objects are not all here: name -> value.
     pub missing: BTreeMap<String, String>,
-    /// The earliest moment a ref left alone for a push in flight is free.
+    /// The earliest moment a ref left alone (for a push in flight, or
+    /// behind another writer's lock) may be free: look again then.
     pub held_until: Option<Instant>,
 }
 
@@ -167,6 +168,15 @@ impl Pass {
                         out.local.remove(&name);
                     }
                 },
+                // A lock a killed predecessor left counts as stale soon:
+                // look again then, not at the next periodic pass.
+                Err(RepoError::RefLocked { stale_at, .. }) => {
+                    let wait = stale_at
+                        .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
+                        .unwrap_or(Duration::from_secs(1));
+                    let at = Instant::now() + wait;
+                    out.held_until = Some(out.held_until.map_or(at, |u| u.min(at)));
+                }
                 // Moved under us (git on the update-hook path, an operator):
                 // the next pass looks again.
                 Err(RepoError::RefMoved { current, .. }) => {

@@ -25,6 +25,14 @@ pub enum RepoError {
         current: Option<String>,
     },
 
+    /// Another writer holds the ref's lock. `stale_at`: when the lock will
+    /// count as left by a dead process, if it is still there then.
+    #[error("ref {name} is locked by another writer")]
+    RefLocked {
+        name: String,
+        stale_at: Option<std::time::SystemTime>,
+    },
+
     #[error("hook {0} exists and is not piehole's (use --force to overwrite it)")]
     ForeignHook(String),
 

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 const STALE_AFTER: Duration = Duration::from_secs(60);
 /// A ref's lock older than this process and at least this old is a dead
 /// predecessor's: writers hold ref locks for milliseconds.
-const STALE_FROM_BEFORE_START: Duration = Duration::from_secs(5);
+const STALE_FROM_BEFORE_START: Duration = Duration::from_secs(1);
 /// `git pack-refs` and gc hold packed-refs.lock while they rewrite a file
 /// that can be large: only a lock this old is taken for dead.
 const PACKED_REFS_STALE_AFTER: Duration = Duration::from_secs(600);
@@ -43,7 +43,10 @@ pub(crate) fn clear_dead_temporary_packs(git_dir: &Path) -> usize {
     };
     let mut removed = 0;
     for entry in entries.flatten() {
-        let dead = entry.file_name().to_string_lossy().starts_with("pack_git2_")
+        let dead = entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("pack_git2_")
             && entry
                 .metadata()
                 .and_then(|m| m.modified())
@@ -56,27 +59,31 @@ pub(crate) fn clear_dead_temporary_packs(git_dir: &Path) -> usize {
     removed
 }
 
+/// When `lock` counts as stale: None if there is no such file.
+pub(crate) fn stale_at(lock: &Path) -> Option<SystemTime> {
+    let modified = lock.metadata().and_then(|m| m.modified()).ok()?;
+    let packed_refs = lock.file_name().is_some_and(|n| n == "packed-refs.lock");
+    let before_start = STARTED.get().is_some_and(|s| modified < *s);
+    Some(if packed_refs {
+        modified + PACKED_REFS_STALE_AFTER
+    } else if before_start {
+        modified + STALE_FROM_BEFORE_START
+    } else {
+        modified + STALE_AFTER
+    })
+}
+
 /// Removes `lock` if it is stale; true if it was (and is now gone).
 pub(crate) fn clear_if_stale(lock: &Path) -> bool {
-    let Ok(modified) = lock.metadata().and_then(|m| m.modified()) else {
+    let Some(stale_at) = stale_at(lock) else {
         return false;
     };
-    let age = SystemTime::now()
-        .duration_since(modified)
-        .unwrap_or(Duration::ZERO);
-    let before_start = STARTED.get().is_some_and(|s| modified < *s);
-    let packed_refs = lock.file_name().is_some_and(|n| n == "packed-refs.lock");
-    let stale = if packed_refs {
-        age >= PACKED_REFS_STALE_AFTER
-    } else {
-        age >= STALE_AFTER || (before_start && age >= STALE_FROM_BEFORE_START)
-    };
-    if !stale {
+    if SystemTime::now() < stale_at {
         return false;
     }
     match std::fs::remove_file(lock) {
         Ok(()) => {
-            tracing::warn!(lock = %lock.display(), age_s = age.as_secs(), "removed a stale lock file left by a killed process");
+            tracing::warn!(lock = %lock.display(), "removed a stale lock file left by a killed process");
             true
         }
         Err(e) => {

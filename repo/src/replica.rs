@@ -113,15 +113,27 @@ impl Replica {
         new: Option<&str>,
         message: &str,
     ) -> Result<(), RepoError> {
+        let locks = [
+            self.repo.path().join(format!("{name}.lock")),
+            self.repo.path().join("packed-refs.lock"),
+        ];
         match self.try_set_ref(name, expected, new, message) {
             Err(RepoError::Git(e)) if e.code() == ErrorCode::Locked => {
-                let dir = self.repo.path();
-                let ref_lock = crate::leftovers::clear_if_stale(&dir.join(format!("{name}.lock")));
-                let packed_lock = crate::leftovers::clear_if_stale(&dir.join("packed-refs.lock"));
-                if ref_lock || packed_lock {
-                    self.try_set_ref(name, expected, new, message)
-                } else {
-                    Err(RepoError::Git(e))
+                // Both looked at, not just the first that is stale.
+                let cleared = locks
+                    .iter()
+                    .map(|l| crate::leftovers::clear_if_stale(l))
+                    .filter(|&c| c)
+                    .count();
+                match cleared > 0 {
+                    true => self.try_set_ref(name, expected, new, message),
+                    false => Err(RepoError::RefLocked {
+                        name: name.to_string(),
+                        stale_at: locks
+                            .iter()
+                            .filter_map(|l| crate::leftovers::stale_at(l))
+                            .max(),
+                    }),
                 }
             }
             other => other,

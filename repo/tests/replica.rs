@@ -241,7 +241,10 @@ fn set_ref_honours_the_lock_a_concurrent_push_holds() {
     fs::write(&lock, format!("{}\n", h.c1)).unwrap();
 
     match r.set_ref("refs/heads/main", Some(&h.c3), Some(&h.c2), "racing") {
-        Err(RepoError::Git(e)) => assert_eq!(e.code(), git2::ErrorCode::Locked, "{e}"),
+        Err(RepoError::RefLocked { name, stale_at }) => {
+            assert_eq!(name, "refs/heads/main");
+            assert!(stale_at.is_some_and(|t| t > std::time::SystemTime::now()));
+        }
         other => panic!("wrote through git's lock: {other:?}"),
     }
     assert!(lock.exists(), "someone else's lock was removed");

@@ -11,6 +11,8 @@
 
 /// Bare replicas, work repositories and pushes (written alongside this file).
 pub mod git;
+/// Faults on purpose: killing and pausing nodes, with seeded randomness.
+pub mod nemesis;
 /// A TCP proxy that can black-hole a link, for partitions.
 pub mod proxy;
 /// Watching refs change, fast, and judging the history.

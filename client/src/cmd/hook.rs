@@ -109,6 +109,13 @@ impl Node<'_> {
             Ok(Err(e @ ClientError::Unreachable { .. })) => {
                 Err(format!("{e}; nothing was changed, try again later"))
             }
+            // The connection broke after the request went out: the node died
+            // (or restarted) while deciding, so the outcome is unknown.
+            Ok(Err(e)) if e.is_unreachable() => Err(format!(
+                "the local piehole node at {} went away during the push ({e}); \
+                 the push may or may not have taken effect",
+                self.socket.display()
+            )),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!(
                 "the local piehole node at {} did not answer within {} s; \
