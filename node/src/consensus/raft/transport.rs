@@ -27,10 +27,12 @@ const REACHABLE_FOR: Duration = Duration::from_secs(3);
 /// An idle sender pings so reachability stays current on followers too.
 const PING_EVERY: Duration = Duration::from_millis(500);
 /// A batch of appends and heartbeats is answered in milliseconds on a
-/// healthy link; past this the peer is treated as unreachable.
-const CALL_DEADLINE: Duration = Duration::from_secs(2);
-/// Snapshots get extra time for their size, at this pessimistic rate.
-const SNAPSHOT_BYTES_PER_SEC: u64 = 4 * 1024 * 1024;
+/// healthy link; past this (plus time for its size) the peer is treated as
+/// unreachable, and the connection as dead.
+const CALL_DEADLINE: Duration = Duration::from_secs(1);
+/// Large batches and snapshots get extra time for their size, at this
+/// pessimistic rate.
+const BYTES_PER_SEC: u64 = 4 * 1024 * 1024;
 const MAX_BATCH: usize = 512;
 /// Keeps one call well under the peer API's message limit.
 const MAX_BATCH_BYTES: u64 = 32 * 1024 * 1024;
@@ -137,11 +139,7 @@ impl PeerSender {
             let has_snapshot = batch
                 .iter()
                 .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
-            let deadline = if has_snapshot {
-                CALL_DEADLINE + Duration::from_secs(bytes / SNAPSHOT_BYTES_PER_SEC)
-            } else {
-                CALL_DEADLINE
-            };
+            let deadline = CALL_DEADLINE + Duration::from_millis(bytes * 1000 / BYTES_PER_SEC);
             let req = pb::RaftBatch {
                 from: self.from,
                 messages: batch
@@ -164,6 +162,12 @@ impl PeerSender {
                 Err(why) => {
                     self.health.mark_failed(self.to);
                     tracing::debug!(peer = self.to, error = %why, "raft send failed");
+                    // The connection may be the one that died (packets lost
+                    // on a path that has since healed): dial a new one rather
+                    // than wait for keepalive to give up on it.
+                    if let Ok(fresh) = peer_client::connect(&self.addr, &self.auth) {
+                        client = fresh;
+                    }
                     // Stale by the time the peer is back; raft resends what matters.
                     while let Ok(m) = rx.try_recv() {
                         batch.push(m);
