@@ -10,6 +10,7 @@
 //!   other replicas' ref files from the moment the push starts, so the
 //!   clock cannot start after they already have it;
 //! - `git push --tags` of 200 new tags, plain and into the cluster;
+//! - `git push` of one 8 MB commit, plain and into each cluster;
 //! - one consensus CAS through the local API, and the proc-receive hook
 //!   alone (process start + one round trip).
 //!
@@ -34,6 +35,8 @@ const SAMPLES: usize = 31;
 const CAS_SAMPLES: usize = 500;
 const TAG_SAMPLES: usize = 5;
 const TAGS: usize = 200;
+const BIG_SAMPLES: usize = 5;
+const BIG_BYTES: usize = 8 * 1024 * 1024;
 
 fn main() {
     let local = Cluster::start_with(3, &["--reconcile-interval-ms", "1000"]);
@@ -76,13 +79,25 @@ fn main() {
         t.quorum_everywhere.push(everywhere);
         t.quorum_after_ack.push(after);
     }
-    let (mut plain_tags, mut cluster_tags) = (vec![], vec![]);
+    let (mut plain_tags, mut fsync_tags, mut cluster_tags) = (vec![], vec![], vec![]);
     for s in 0..TAG_SAMPLES {
         for n in 0..TAGS {
             work.git_ok(&["tag", &format!("t{s}-{n}")]);
         }
         plain_tags.push(timed(|| work.push_ok(&plain, &["--tags"])));
+        fsync_tags.push(timed(|| work.push_ok(&plain_fsync, &["--tags"])));
         cluster_tags.push(timed(|| work.push_ok(&local_reps[0], &["--tags"])));
+    }
+    let (mut big_plain, mut big_local, mut big_quorum) = (vec![], vec![], vec![]);
+    for s in 0..BIG_SAMPLES {
+        let data = harness::git::random_bytes(0x1000 * (s as u64 + 1), BIG_BYTES);
+        work.commit_file(&format!("big-{s}.bin"), &data, &format!("big {s}"));
+        let id = work.head();
+        big_plain.push(timed(|| {
+            work.push_ok(&plain_fsync, &["HEAD:refs/heads/main"])
+        }));
+        big_local.push(replicated_push(&work, &local_reps, &id).0);
+        big_quorum.push(replicated_push(&work, &quorum_reps, &id).0);
     }
 
     report(
@@ -116,8 +131,25 @@ fn main() {
         &mut plain_tags,
     );
     report(
+        &format!("git push --tags, {TAGS} new tags, plain bare repo with core.fsync=committed"),
+        &mut fsync_tags,
+    );
+    report(
         &format!("git push --tags, {TAGS} new tags, 3-node cluster (local)"),
         &mut cluster_tags,
+    );
+    let mb = BIG_BYTES / (1024 * 1024);
+    report(
+        &format!("git push, one {mb} MB commit, plain bare repo with core.fsync=committed"),
+        &mut big_plain,
+    );
+    report(
+        &format!("git push, one {mb} MB commit, 3-node cluster, --durability local"),
+        &mut big_local,
+    );
+    report(
+        &format!("git push, one {mb} MB commit, 3-node cluster, --durability quorum"),
+        &mut big_quorum,
     );
 }
 

@@ -585,7 +585,9 @@ fn sanitize(s: &str) -> String {
 /// `len` pseudo-random bytes from a seeded xorshift64* generator (incompressible,
 /// reproducible).
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
+    // Spread the seed first: `seed | 1` alone would make seeds 2k and 2k+1
+    // give the same bytes.
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         x ^= x >> 12;
