@@ -74,8 +74,9 @@ fn calls(file: &Path) -> Vec<Call> {
     let text = std::fs::read_to_string(file).unwrap_or_default();
     text.lines()
         .filter_map(|line| {
-            let mut words = line.splitn(3, ' ');
-            let (_pid, at, rest) = (words.next()?, words.next()?, words.next()?);
+            // strace pads the pid column, so the separator is not one space.
+            let (_pid, line) = line.trim_start().split_once(char::is_whitespace)?;
+            let (at, rest) = line.trim_start().split_once(char::is_whitespace)?;
             let (name, args) = rest.split_once('(')?;
             let path = args.split_once('<')?.1.split_once('>')?.0;
             Some(Call {

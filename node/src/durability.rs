@@ -124,6 +124,8 @@ impl ObjectQuorum {
                 break;
             }
         }
+        // Those still copying go on (their copies help the next try).
+        calls.detach_all();
         Err(format!(
             "durability quorum: the objects reached {stored} of the {needed} other nodes needed ({})",
             failed.join("; ")

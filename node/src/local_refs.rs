@@ -98,6 +98,20 @@ impl LocalRefs {
     }
 }
 
+impl LocalRefs {
+    /// Runs `f` (git work) while no pass moves the group's refs: a
+    /// consistent read of a replica (clobber's).
+    pub async fn read<T: Send + 'static>(
+        &self,
+        group: &str,
+        f: impl FnOnce() -> Result<T, RepoError> + Send + 'static,
+    ) -> Result<T, RepoError> {
+        let lock = self.lock_of(group);
+        let _writer = lock.lock().await;
+        crate::update_rule::blocking(f).await
+    }
+}
+
 struct Pass {
     consensus: Arc<dyn Consensus>,
     holds: Holds,
@@ -110,9 +124,9 @@ struct Pass {
 impl Pass {
     fn run(self, scope: Scope) -> Result<Synced, RepoError> {
         let repo = Replica::open(&self.path)?;
-        // One connectivity check for the whole pass: what it learns about
-        // the repository's refs is learned once, not per ref.
-        let mut complete = repo.completeness()?;
+        // One connectivity check for the whole pass, made when first needed:
+        // what it learns about the repository's refs is learned once.
+        let mut checker = None;
         let view = self
             .consensus
             .local_group(&self.group)
@@ -142,7 +156,12 @@ impl Pass {
                 names
             }
         };
-        for name in names {
+        // Deletions first: refs/heads/a can only appear once refs/heads/a/b
+        // is gone (a name cannot be a file and a directory at once).
+        let (deletions, others): (Vec<String>, Vec<String>) = names
+            .into_iter()
+            .partition(|n| self.consensus.local_value(&self.group, n).is_none());
+        for name in deletions.into_iter().chain(others) {
             // The freshest value, not the one the listing above saw.
             let want = self.consensus.local_value(&self.group, &name);
             let have = out.local.get(&name).cloned();
@@ -154,9 +173,17 @@ impl Pass {
                 continue;
             }
             if let Some(w) = &want {
-                if !self.complete.contains(w) && !complete.is_complete(w)? {
-                    out.missing.insert(name, w.clone());
-                    continue;
+                let known = self.complete.contains(w);
+                if !known {
+                    if checker.is_none() {
+                        checker = Some(repo.completeness()?);
+                    }
+                    if let Some(c) = checker.as_mut() {
+                        if !c.is_complete(w)? {
+                            out.missing.insert(name, w.clone());
+                            continue;
+                        }
+                    }
                 }
             }
             match repo.set_ref_keeping_old(&name, have.as_deref(), want.as_deref(), self.message) {
@@ -220,7 +247,10 @@ impl Holds {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn hold(&self, group: &str, ref_name: &str, new: Option<&str>) -> u64 {
+    /// Holds `ref_name` for a push whose decision may take up to
+    /// `deciding`; once it is accepted, [`Holds::accepted`] starts the
+    /// short clock within which git moves the ref.
+    pub fn hold(&self, group: &str, ref_name: &str, new: Option<&str>, deciding: Duration) -> u64 {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let mut map = self.map();
         // Holds of refs nobody looked at since they ended go here.
@@ -234,21 +264,28 @@ impl Holds {
             .push(Hold {
                 token,
                 new: new.map(String::from),
-                until: now + HOLD_FOR,
+                until: now + deciding + HOLD_FOR,
             });
         token
     }
 
     /// The push was accepted just now: git moves the ref next, and the hold
-    /// lasts HOLD_FOR from here (deciding may have taken a while).
-    pub fn restart_clock(&self, group: &str, ref_name: &str, token: u64) {
-        let key = (group.to_string(), ref_name.to_string());
-        if let Some(h) = self
-            .map()
-            .get_mut(&key)
-            .and_then(|holds| holds.iter_mut().find(|h| h.token == token))
-        {
-            h.until = Instant::now() + HOLD_FOR;
+    /// lasts HOLD_FOR from here. (Put back if something dropped it
+    /// meanwhile: its value could have landed early, through the
+    /// replicator, and git's own update must still find the ref untouched.)
+    pub fn accepted(&self, group: &str, ref_name: &str, token: u64, new: Option<&str>) {
+        let until = Instant::now() + HOLD_FOR;
+        let mut map = self.map();
+        let holds = map
+            .entry((group.to_string(), ref_name.to_string()))
+            .or_default();
+        match holds.iter_mut().find(|h| h.token == token) {
+            Some(h) => h.until = until,
+            None => holds.push(Hold {
+                token,
+                new: new.map(String::from),
+                until,
+            }),
         }
     }
 
@@ -290,8 +327,8 @@ mod tests {
     #[test]
     fn a_hold_ends_when_its_value_lands_or_is_released() {
         let holds = Holds::default();
-        let t1 = holds.hold("g", "refs/heads/m", Some(A));
-        let t2 = holds.hold("g", "refs/heads/m", Some(B));
+        let t1 = holds.hold("g", "refs/heads/m", Some(A), Duration::ZERO);
+        let t2 = holds.hold("g", "refs/heads/m", Some(B), Duration::ZERO);
         assert!(holds.blocks("g", "refs/heads/m", None).is_some());
         // git moved the ref to A: the first push is done, the second is not.
         assert!(holds.blocks("g", "refs/heads/m", Some(A)).is_some());
@@ -304,11 +341,15 @@ mod tests {
     #[test]
     fn a_hold_never_outlives_its_deadline() {
         let holds = Holds::default();
-        holds.hold("g", "refs/heads/m", Some(A));
+        let t = holds.hold("g", "refs/heads/m", Some(A), Duration::from_secs(10));
         let until = holds.blocks("g", "refs/heads/m", None).unwrap();
-        assert!(until <= Instant::now() + HOLD_FOR);
+        assert!(until <= Instant::now() + Duration::from_secs(10) + HOLD_FOR);
         // Later pushes of the same ref do not extend an earlier hold.
-        holds.hold("g", "refs/heads/m", Some(B));
+        holds.hold("g", "refs/heads/m", Some(B), Duration::from_secs(10));
         assert_eq!(holds.blocks("g", "refs/heads/m", None), Some(until));
+        // Accepted: HOLD_FOR from now, whatever deciding was allowed.
+        holds.accepted("g", "refs/heads/m", t, Some(A));
+        let after = holds.blocks("g", "refs/heads/m", None).unwrap();
+        assert!(after <= Instant::now() + HOLD_FOR);
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use piehole_repo::Replica;
 
@@ -18,6 +18,9 @@ use crate::update_rule::{self, blocking, Proposed, Verdict};
 
 /// git's own reflog message for a pushed ref.
 const REFLOG_PUSH: &str = "push";
+/// How long a decided push waits for its replica's refs to move before it
+/// answers anyway (the hook's margin beyond the request timeout is 3 s).
+const FOLLOW_BOUND: Duration = Duration::from_secs(2);
 
 pub struct Pushes {
     pub consensus: Arc<dyn Consensus>,
@@ -99,7 +102,7 @@ impl Pushes {
         let start = Instant::now();
         let timeout = self.consensus.request_timeout();
         let holds = self.local_refs.holds();
-        let token = holds.hold(group, &update.ref_name, update.new.as_deref());
+        let token = holds.hold(group, &update.ref_name, update.new.as_deref(), timeout);
         // git moves the ref only if it still holds `old`; if something moved
         // it since git read it, accepting would fail git's update anyway.
         let (p, name) = (path.to_path_buf(), update.ref_name.clone());
@@ -128,7 +131,7 @@ impl Pushes {
         };
         if verdict == Verdict::Accept {
             // git moves the ref right after this answer: its deadline runs from now.
-            holds.restart_clock(group, &update.ref_name, token);
+            holds.accepted(group, &update.ref_name, token, update.new.as_deref());
         } else {
             holds.release(group, &update.ref_name, token);
             let names = BTreeSet::from([update.ref_name.clone()]);
@@ -163,6 +166,10 @@ impl Pushes {
     /// Moves the replica's refs in `scope` to the group's values; asks the
     /// replicator for whatever objects are missing. `complete` are values
     /// known to be complete here (no need to walk their history).
+    ///
+    /// Waits FOLLOW_BOUND at most: the consensus has decided, and a push of
+    /// thousands of refs (each written and fsynced) must not outlast the
+    /// hook's patience and be reported failed; the rest carries on alone.
     async fn follow(
         &self,
         group: &str,
@@ -171,17 +178,25 @@ impl Pushes {
         complete: BTreeSet<String>,
         message: &'static str,
     ) {
-        match self
-            .local_refs
-            .sync(group, path, scope, complete, message)
-            .await
-        {
-            Ok(s) if s.missing.is_empty() => {}
-            Ok(_) => self.replicator.nudge(group),
-            Err(e) => {
-                tracing::warn!(group, error = %e, "could not move the replica's refs; the replicator will");
-                self.replicator.nudge(group);
+        let (local_refs, replicator) = (self.local_refs.clone(), self.replicator.clone());
+        let (g, p) = (group.to_string(), path.to_path_buf());
+        // A task, not a future under a timeout: dropping the future would
+        // drop the group's lock while its blocking pass still writes.
+        let task = tokio::spawn(async move {
+            match local_refs.sync(&g, &p, scope, complete, message).await {
+                Ok(s) if s.missing.is_empty() => {}
+                Ok(_) => replicator.nudge(&g),
+                Err(e) => {
+                    tracing::warn!(group = %g, error = %e, "could not move the replica's refs; the replicator will");
+                    replicator.nudge(&g);
+                }
             }
+        });
+        if tokio::time::timeout(FOLLOW_BOUND, task).await.is_err() {
+            tracing::info!(
+                group,
+                "the replica's refs are still being moved; answering the hook meanwhile"
+            );
         }
     }
 }

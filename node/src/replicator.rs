@@ -67,7 +67,7 @@ pub struct Replicator {
     /// Repositories with a `git gc --auto` under way.
     gc_running: Mutex<BTreeSet<PathBuf>>,
     /// Repositories already rid of what a killed predecessor left.
-    cleaned: Mutex<BTreeSet<PathBuf>>,
+    cleaned: Arc<Mutex<BTreeSet<PathBuf>>>,
 }
 
 fn now_ms() -> u64 {
@@ -109,7 +109,7 @@ impl Replicator {
             slots: Arc::new(Semaphore::new(PARALLEL_GROUPS)),
             builds: Arc::new(Semaphore::new(PARALLEL_BUILDS)),
             gc_running: Mutex::default(),
-            cleaned: Mutex::default(),
+            cleaned: Arc::default(),
         })
     }
 
@@ -140,19 +140,35 @@ impl Replicator {
             .map(|(g, _)| g)
     }
 
-    /// Every ref that differs from the consensus; refs in step too, for
-    /// groups small enough that listing them all stays cheap.
-    pub fn lag(&self) -> Vec<pb::ReplicaLag> {
-        const LIST_IN_STEP_UP_TO: usize = 1000;
+    /// Refs that differ from the consensus (unfetchable ones first), and
+    /// refs in step too for groups small enough to list whole: at most
+    /// LAG_LISTED per group, so status stays small whatever the groups'
+    /// sizes. Also how many were left out.
+    pub fn lag(&self) -> (Vec<pb::ReplicaLag>, u64) {
+        const LAG_LISTED: usize = 1000;
         let lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
         let mut sizes: HashMap<&str, usize> = HashMap::new();
         for (group, _) in lag.keys() {
             *sizes.entry(group.as_str()).or_default() += 1;
         }
-        lag.iter()
+        let mut listed: HashMap<&str, usize> = HashMap::new();
+        let mut omitted = 0;
+        let mut rows: Vec<(&(String, String), &Lag)> = lag
+            .iter()
             .filter(|((group, _), l)| {
-                l.differs_since_unix_ms != 0 || sizes[group.as_str()] <= LIST_IN_STEP_UP_TO
+                l.differs_since_unix_ms != 0 || sizes[group.as_str()] <= LAG_LISTED
             })
+            .collect();
+        rows.sort_by_key(|(_, l)| !l.unfetchable);
+        rows.retain(|((group, _), _)| {
+            let n = listed.entry(group.as_str()).or_default();
+            *n += 1;
+            let keep = *n <= LAG_LISTED;
+            omitted += u64::from(!keep);
+            keep
+        });
+        let rows = rows
+            .into_iter()
             .map(|((group, ref_name), l)| pb::ReplicaLag {
                 group: group.clone(),
                 node_id: self.node_id,
@@ -163,7 +179,8 @@ impl Replicator {
                 differs_since_unix_ms: l.differs_since_unix_ms,
                 unfetchable: l.unfetchable,
             })
-            .collect()
+            .collect();
+        (rows, omitted)
     }
 
     /// Records what a pass saw; `unfetchable` are refs nobody could serve.
@@ -287,15 +304,6 @@ impl Replicator {
             return Ok(None);
         };
         tracing::trace!(group, "replication pass");
-        if self
-            .cleaned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(path.clone())
-        {
-            let p = path.clone();
-            let _ = blocking(move || Ok(Replica::open(&p)?.clear_leftovers())).await;
-        }
         let synced = self
             .local_refs
             .sync(group, &path, Scope::All, BTreeSet::new(), REFLOG_REPLICATE)
@@ -455,9 +463,21 @@ impl Replicator {
             .into_inner();
         let (tx, mut rx) = mpsc::channel::<Result<Vec<u8>, String>>(8);
         let (repo_path, want_list) = (path.to_path_buf(), wants.to_vec());
+        let cleaned = self.cleaned.clone();
         // Spawned now (not when awaited): it drains what the stream feeds it.
         let indexer = tokio::task::spawn_blocking(move || {
             let repo = Replica::open(&repo_path)?;
+            {
+                // Before this process's first pack lands here, every partial
+                // pack is a killed predecessor's: no clock decides it, so a
+                // node restarted within milliseconds of its death still
+                // sees them as dead. Held during the removal, so a second
+                // fetch waits rather than start a pack among them.
+                let mut cleaned = cleaned.lock().unwrap_or_else(|e| e.into_inner());
+                if cleaned.insert(repo_path.clone()) {
+                    repo.clear_leftovers();
+                }
+            }
             repo.receive_pack(std::iter::from_fn(|| rx.blocking_recv()))?;
             let mut still = BTreeSet::new();
             for w in want_list {
@@ -566,14 +586,23 @@ impl Replicator {
         let path = self
             .local_path(group)
             .ok_or_else(|| format!("no replica of group {group} on this node"))?;
-        let p = path.clone();
-        let haves: Vec<String> = blocking(move || Replica::open(&p)?.refs())
-            .await
-            .map_err(|e| e.to_string())?
-            .into_values()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let (p, w) = (path.clone(), wants.clone());
+        let (haves, already) = blocking(move || {
+            let repo = Replica::open(&p)?;
+            let mut checker = repo.completeness()?;
+            let mut already = true;
+            for want in &w {
+                already &= checker.is_complete(want)?;
+            }
+            let haves: BTreeSet<String> = repo.refs()?.into_values().collect();
+            Ok((haves.into_iter().collect::<Vec<_>>(), already))
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        // Stored by an earlier call that outlived its caller, or by replication.
+        if already {
+            return Ok(());
+        }
         let fetched = self
             .fetch_from(source, group, &wants, &haves, &path)
             .await?;

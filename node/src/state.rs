@@ -231,22 +231,9 @@ impl StateMachine {
                 let outcome = self.push(&mut batch, p)?;
                 (outcome, Some(&p.group))
             }
-            Some(Op::Cas(c)) => {
-                let single = pb::PushOp {
-                    group: c.group.clone(),
-                    updates: vec![pb::RefCas {
-                        ref_name: c.ref_name.clone(),
-                        expected: c.expected.clone(),
-                        new: c.new.clone(),
-                    }],
-                    atomic: false,
-                    proposer: c.proposer,
-                };
-                (self.push(&mut batch, &single)?, Some(&c.group))
-            }
             Some(Op::Clobber(c)) => {
                 let version = self.version_unlocked(&c.group)?;
-                if c.expected_version != 0 && c.expected_version != version {
+                if c.expected_version != version {
                     (
                         Outcome::Refused(
                             "the group changed while clobber ran (a push landed); \
@@ -320,8 +307,16 @@ impl StateMachine {
     fn push(&self, batch: &mut sled::Batch, p: &pb::PushOp) -> anyhow::Result<Outcome> {
         let mut outcomes = Vec::with_capacity(p.updates.len());
         let mut moves = Vec::new();
-        // Names this push creates and deletes, as seen by the updates after.
-        let (mut created, mut deleted) = (BTreeSet::new(), BTreeSet::new());
+        // Names this push deletes (whatever their order in it, as in git's
+        // own transactions) and creates, as seen by the clash check.
+        let mut deleted = BTreeSet::new();
+        for u in &p.updates {
+            let current = self.ref_value_unlocked(&p.group, &u.ref_name);
+            if u.new.is_empty() && current.as_deref().unwrap_or_default() == u.expected {
+                deleted.insert(u.ref_name.clone());
+            }
+        }
+        let mut created = BTreeSet::new();
         for u in &p.updates {
             let k = key(REF, &p.group, u.ref_name.as_bytes());
             let current = self.tree.get(&k)?.map(|b| decode_ref(&b).value);
@@ -349,9 +344,7 @@ impl StateMachine {
                     blocked_by: Some(other),
                 }
             } else {
-                if u.new.is_empty() {
-                    deleted.insert(u.ref_name.clone());
-                } else {
+                if !u.new.is_empty() {
                     created.insert(u.ref_name.clone());
                 }
                 moves.push((k, u));
@@ -809,24 +802,6 @@ mod tests {
     }
 
     #[test]
-    fn a_cas_entry_of_older_nodes_still_applies() {
-        let (_d, sm) = sm();
-        let old = pb::Command {
-            origin_node: 1,
-            request_id: next_request(),
-            op: Some(Op::Cas(pb::CasOp {
-                group: "g".into(),
-                ref_name: "refs/heads/m".into(),
-                expected: String::new(),
-                new: A.into(),
-                proposer: 1,
-            })),
-            proposed_after: 0,
-        };
-        assert_eq!(sm.apply(1, &old).unwrap(), one(true, Some(A)));
-    }
-
-    #[test]
     fn a_second_copy_of_a_proposal_changes_nothing() {
         let (_d, sm) = sm();
         let r = "refs/tags/t";
@@ -940,11 +915,12 @@ mod tests {
                     proposer: 0,
                 }],
                 proposer: 3,
-                expected_version: 0,
+                // The version survived the snapshot.
+                expected_version: sm.group("g").unwrap().version,
             })),
             proposed_after: 0,
         };
-        other.apply(4, &clobber).unwrap();
+        assert_eq!(other.apply(4, &clobber).unwrap(), Outcome::Done);
         let g = other.group("g").unwrap();
         assert_eq!(g.refs.keys().collect::<Vec<_>>(), vec!["refs/heads/b"]);
         assert_eq!(

@@ -12,11 +12,11 @@
 //! that need it. An atomic push moves every ref or none, in every round.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use piehole_repo::Replica;
 
-use crate::consensus::{Consensus, RefUpdate};
+use crate::consensus::{Consensus, ConsensusError, RefUpdate};
 
 /// One ref of a push as git reported it. `None` is "absent".
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +34,8 @@ pub enum Verdict {
 
 /// How many times rule 3 may chase consensus values that keep moving.
 const MAX_ROUNDS: usize = 3;
+/// A round is started only with at least this long before the deadline.
+const MIN_ROUND: Duration = Duration::from_millis(500);
 
 /// Rules 1-3 for every update of one push; one verdict per update, in
 /// order. Every consensus round fails by `deadline`. A round that fails
@@ -55,6 +57,17 @@ pub async fn decide(
             .filter(|&i| verdicts[i].is_none())
             .collect();
         if pending.is_empty() {
+            break;
+        }
+        if Instant::now() + MIN_ROUND > deadline {
+            // Not another round that could only end "may still take effect".
+            for &i in &pending {
+                verdicts[i] = Some(Verdict::Reject(format!(
+                    "{}: {}",
+                    updates[i].ref_name,
+                    ConsensusError::OutOfTime
+                )));
+            }
             break;
         }
         let batch = pending

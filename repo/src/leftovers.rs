@@ -9,8 +9,8 @@
 //! - Temporary packs: libgit2 streams a pack into
 //!   `objects/pack/pack_git2_<random>` and renames it when complete; a node
 //!   killed mid-transfer leaves the partial file, which not even `git gc`
-//!   removes. Only piehole nodes write packs with libgit2 here, one per
-//!   repository at a time, so one older than this process is dead.
+//!   removes. Only the node that hosts the replica writes packs with
+//!   libgit2 there, so the ones present before its first write are dead.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -32,26 +32,19 @@ pub(crate) fn note_start() {
     STARTED.get_or_init(SystemTime::now);
 }
 
-/// Removes the partial packs a killed predecessor left in `git_dir`;
-/// returns how many.
+/// Removes every partial pack in `git_dir`; returns how many. Only for a
+/// process that has not written a pack there yet: then they are all dead.
 pub(crate) fn clear_dead_temporary_packs(git_dir: &Path) -> usize {
-    let Some(started) = STARTED.get() else {
-        return 0;
-    };
     let Ok(entries) = std::fs::read_dir(git_dir.join("objects").join("pack")) else {
         return 0;
     };
     let mut removed = 0;
     for entry in entries.flatten() {
-        let dead = entry
+        let partial = entry
             .file_name()
             .to_string_lossy()
-            .starts_with("pack_git2_")
-            && entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|m| m < *started);
-        if dead && std::fs::remove_file(entry.path()).is_ok() {
+            .starts_with("pack_git2_");
+        if partial && std::fs::remove_file(entry.path()).is_ok() {
             tracing::warn!(file = %entry.path().display(), "removed a partial pack a killed process left");
             removed += 1;
         }

@@ -33,7 +33,9 @@ impl Replica {
     }
 
     /// Removes what a killed predecessor of this process left here: partial
-    /// packs of transfers it never finished. Returns how many.
+    /// packs of transfers it never finished. Returns how many. Call it
+    /// before this process writes its first pack here, never after: a
+    /// partial pack of its own would go too.
     pub fn clear_leftovers(&self) -> usize {
         crate::leftovers::clear_dead_temporary_packs(self.repo.path())
     }
@@ -127,12 +129,10 @@ impl Replica {
                     .count();
                 match cleared > 0 {
                     true => self.try_set_ref(name, expected, new, message),
+                    // The ref's own lock if it has one; else packed-refs'.
                     false => Err(RepoError::RefLocked {
                         name: name.to_string(),
-                        stale_at: locks
-                            .iter()
-                            .filter_map(|l| crate::leftovers::stale_at(l))
-                            .max(),
+                        stale_at: locks.iter().find_map(|l| crate::leftovers::stale_at(l)),
                     }),
                 }
             }

@@ -184,7 +184,7 @@ fn proc_receive(node: &Node) -> anyhow::Result<ExitCode> {
     }
     // git applies refs we let fall through in its own transaction, after
     // the consensus took the others: all or nothing could not hold.
-    if atomic && answers.iter().any(|a| matches!(a, Answer::FallThrough)) {
+    if atomic && !to_node.is_empty() && answers.iter().any(|a| matches!(a, Answer::FallThrough)) {
         for (name, answer) in refs.iter().zip(answers.iter_mut()) {
             *answer = Answer::Ng(format!(
                 "{name}: an atomic push cannot mix refs piehole replicates with refs it does not (refs/remotes/, outside refs/)"

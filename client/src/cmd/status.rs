@@ -41,6 +41,7 @@ fn to_json(s: &pb::StatusReply) -> serde_json::Value {
         "snapshot_index": s.snapshot_index,
         "snapshots_installed": s.snapshots_installed,
         "request_timeout_ms": s.request_timeout_ms,
+        "lag_omitted": s.lag_omitted,
         "durability": s.durability,
         "groups": s.groups,
         "refs": s.refs,
@@ -91,7 +92,7 @@ fn print_text(s: &pb::StatusReply) {
         .iter()
         .filter(|l| l.differs_since_unix_ms != 0)
         .collect();
-    if behind.is_empty() {
+    if behind.is_empty() && s.lag_omitted == 0 {
         println!("replicas: all in step with the consensus");
     } else {
         println!("replicas behind the consensus:");
@@ -111,5 +112,8 @@ fn print_text(s: &pb::StatusReply) {
                 short(&l.local)
             );
         }
+    }
+    if s.lag_omitted > 0 {
+        println!("  ... and {} more refs not listed", s.lag_omitted);
     }
 }

@@ -21,6 +21,8 @@ use crate::update_rule::{blocking, Proposed, Verdict};
 
 /// Most ref updates one push may carry (`git push --mirror` of a big repository).
 const MAX_PUSH_REFS: usize = 100_000;
+/// A new group's first refs go into the log this many to an entry.
+const SEED_REFS_PER_ENTRY: usize = 10_000;
 
 pub struct LocalService {
     pub consensus: Arc<dyn Consensus>,
@@ -67,9 +69,10 @@ async fn complete_refs(path: &Path) -> Result<BTreeMap<String, String>, Status> 
     let p = path.to_path_buf();
     blocking(move || {
         let repo = Replica::open(&p)?;
+        let mut checker = repo.completeness()?;
         let mut complete = BTreeMap::new();
         for (name, id) in repo.refs()? {
-            if validate::ref_name(&name).is_ok() && repo.is_complete(&id)? {
+            if validate::ref_name(&name).is_ok() && checker.is_complete(&id)? {
                 complete.insert(name, id);
             }
         }
@@ -92,16 +95,18 @@ impl LocalService {
                 new: Some(id),
             })
             .collect();
-        if updates.is_empty() {
-            return Ok(0);
+        let mut seeded = 0;
+        // Entries of bounded size, however many refs the repository has.
+        for chunk in updates.chunks(SEED_REFS_PER_ENTRY) {
+            let deadline = Instant::now() + self.request_timeout;
+            let out = self
+                .consensus
+                .update_refs(group, chunk.to_vec(), false, deadline)
+                .await
+                .map_err(consensus_status)?;
+            seeded += out.iter().filter(|o| o.applied).count() as u64;
         }
-        let deadline = Instant::now() + self.request_timeout;
-        let out = self
-            .consensus
-            .update_refs(group, updates, false, deadline)
-            .await
-            .map_err(consensus_status)?;
-        Ok(out.iter().filter(|o| o.applied).count() as u64)
+        Ok(seeded)
     }
 
     /// Refs of the repository that following the group would delete, or
@@ -159,7 +164,7 @@ impl Local for LocalService {
     ) -> Result<Response<pb::StatusReply>, Status> {
         let s = self.consensus.status();
         let (groups, refs) = self.consensus.counts();
-        let mut lag = self.replicator.lag();
+        let (mut lag, mut lag_omitted) = self.replicator.lag();
         if req.into_inner().include_peers {
             for (&id, addr) in &self.peers {
                 if id == s.node_id {
@@ -170,7 +175,9 @@ impl Local for LocalService {
                 };
                 let call = client.peer_status(pb::PeerStatusRequest {});
                 if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(1), call).await {
-                    lag.extend(reply.into_inner().lag);
+                    let reply = reply.into_inner();
+                    lag.extend(reply.lag);
+                    lag_omitted += reply.omitted;
                 }
             }
         }
@@ -198,6 +205,7 @@ impl Local for LocalService {
             backend: s.backend.to_string(),
             request_timeout_ms: self.request_timeout.as_millis() as u64,
             durability: self.durability.to_string(),
+            lag_omitted,
         }))
     }
 
@@ -336,30 +344,37 @@ impl Local for LocalService {
                 path.display()
             ))
         })?;
-        let p = path.clone();
-        let local = blocking(move || {
-            let repo = Replica::open(&p)?;
-            let mut refs = BTreeMap::new();
-            for (name, id) in repo.refs()? {
-                if validate::ref_name(&name).is_err() {
-                    continue;
-                }
-                if !repo.is_complete(&id)? {
-                    return Err(piehole_repo::RepoError::MissingObject(format!(
-                        "{id} ({name} points at it, but its history is incomplete here; refusing to make it the consensus)"
-                    )));
-                }
-                refs.insert(name, id);
-            }
-            Ok(refs)
-        })
-        .await
-        .map_err(repo_status)?;
+        // The group first, then the replica under the group's lock: a push
+        // landing in between bumps the version the clobber is made
+        // conditional on, and no pass is half-way through moving refs here.
         let view = self
             .consensus
             .group(&group, true)
             .await
             .map_err(consensus_status)?;
+        let p = path.clone();
+        let local = self
+            .pushes
+            .local_refs
+            .read(&group, move || {
+                let repo = Replica::open(&p)?;
+                let mut checker = repo.completeness()?;
+                let mut refs = BTreeMap::new();
+                for (name, id) in repo.refs()? {
+                    if validate::ref_name(&name).is_err() {
+                        continue;
+                    }
+                    if !checker.is_complete(&id)? {
+                        return Err(piehole_repo::RepoError::MissingObject(format!(
+                            "{id} ({name} points at it, but its history is incomplete here; refusing to make it the consensus)"
+                        )));
+                    }
+                    refs.insert(name, id);
+                }
+                Ok(refs)
+            })
+            .await
+            .map_err(repo_status)?;
         let removed: BTreeSet<&String> = view
             .refs
             .keys()

@@ -12,7 +12,9 @@ pub(crate) fn consensus_status(e: ConsensusError) -> tonic::Status {
         ConsensusError::NoQuorum | ConsensusError::LostQuorum | ConsensusError::ShuttingDown => {
             tonic::Status::unavailable(e.to_string())
         }
-        ConsensusError::TimedOut => tonic::Status::deadline_exceeded(e.to_string()),
+        ConsensusError::TimedOut | ConsensusError::OutOfTime => {
+            tonic::Status::deadline_exceeded(e.to_string())
+        }
         ConsensusError::Refused(_) => tonic::Status::failed_precondition(e.to_string()),
     }
 }

@@ -150,9 +150,16 @@ impl Peer for PeerService {
             }
             validate::object_id(id).map_err(invalid)?;
         }
-        self.replicator
-            .store_objects(&req.group, req.wants, req.source)
-            .await
+        // Detached: a caller that gave up (its deadline) does not waste the
+        // transfer; its next try, or replication, finds the objects here.
+        let replicator = self.replicator.clone();
+        let task = tokio::spawn(async move {
+            replicator
+                .store_objects(&req.group, req.wants, req.source)
+                .await
+        });
+        task.await
+            .map_err(|e| Status::internal(format!("store task failed: {e}")))?
             .map_err(Status::unavailable)?;
         Ok(Response::new(pb::StoreObjectsReply {}))
     }
@@ -161,8 +168,7 @@ impl Peer for PeerService {
         &self,
         _req: Request<pb::PeerStatusRequest>,
     ) -> Result<Response<pb::PeerStatusReply>, Status> {
-        Ok(Response::new(pb::PeerStatusReply {
-            lag: self.replicator.lag(),
-        }))
+        let (lag, omitted) = self.replicator.lag();
+        Ok(Response::new(pb::PeerStatusReply { lag, omitted }))
     }
 }

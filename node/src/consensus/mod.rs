@@ -35,6 +35,9 @@ pub enum ConsensusError {
         "timed out waiting for the piehole cluster to commit; the update may still take effect"
     )]
     TimedOut,
+    /// Nothing was proposed: the caller's deadline left no time for it.
+    #[error("no time was left to decide this before its deadline; nothing was changed")]
+    OutOfTime,
     #[error("{0}")]
     Refused(String),
     #[error("the piehole node is shutting down")]

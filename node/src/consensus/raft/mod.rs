@@ -41,6 +41,8 @@ pub use transport::PeerHealth;
 const NO_QUORUM_AFTER: Duration = Duration::from_secs(3);
 /// How often a waiting proposal looks at the cluster's health.
 const POLL: Duration = Duration::from_millis(20);
+/// A proposal needs at least this long to be seen committing.
+const MIN_TIME_TO_PROPOSE: Duration = Duration::from_millis(100);
 
 /// What the driver publishes after each turn of its loop.
 #[derive(Debug, Clone, Default)]
@@ -156,6 +158,11 @@ impl RaftConsensus {
         let start = Instant::now();
         let deadline = deadline.min(start + self.request_timeout);
         let bound = deadline.saturating_duration_since(start);
+        // Too little time to see it commit: proposing would only turn a
+        // clean refusal into an "it may still take effect".
+        if bound < MIN_TIME_TO_PROPOSE {
+            return Err(ConsensusError::OutOfTime);
+        }
         let patience = NO_QUORUM_AFTER.min(bound);
         while !self.can_propose() {
             if start.elapsed() >= patience {

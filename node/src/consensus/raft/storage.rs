@@ -15,6 +15,10 @@ use crate::disk::Disk;
 use crate::state::StateMachine;
 
 const HARD_STATE: &[u8] = b"hard_state";
+/// The layout of the log's entries and the state machine, as this version
+/// writes them; a data dir of another (or no recorded) format is refused.
+const FORMAT: &[u8] = b"format";
+const CURRENT_FORMAT: u64 = 2;
 const CONF_STATE: &[u8] = b"conf_state";
 const SNAPSHOT_META: &[u8] = b"snapshot_meta";
 
@@ -46,13 +50,22 @@ impl RaftStorage {
             disk,
             state,
         };
-        if storage.meta.get(CONF_STATE)?.is_none() {
-            let cs = ConfState {
-                voters: voters.to_vec(),
-                ..Default::default()
-            };
-            storage.meta.insert(CONF_STATE, cs.write_to_bytes()?)?;
-            storage.flush()?;
+        match (storage.meta.get(CONF_STATE)?, storage.meta.get(FORMAT)?) {
+            (None, _) => {
+                let cs = ConfState {
+                    voters: voters.to_vec(),
+                    ..Default::default()
+                };
+                storage.meta.insert(CONF_STATE, cs.write_to_bytes()?)?;
+                storage.meta.insert(FORMAT, &CURRENT_FORMAT.to_be_bytes())?;
+                storage.flush()?;
+            }
+            (Some(_), Some(f)) if f.as_ref() == CURRENT_FORMAT.to_be_bytes() => {}
+            (Some(_), _) => anyhow::bail!(
+                "this data dir was written by an earlier piehole, whose log this version \
+                 would replay differently; there is no upgrade path for it: start the \
+                 cluster from fresh data dirs"
+            ),
         }
         Ok(storage)
     }
@@ -322,6 +335,20 @@ mod tests {
         let disk = Arc::new(Disk::open(&dir.path().join("db")).unwrap());
         let state = Arc::new(StateMachine::open(disk.clone()).unwrap());
         RaftStorage::open(disk, state, &[1, 2, 3]).unwrap()
+    }
+
+    #[test]
+    fn a_data_dir_of_an_older_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir);
+        // As an earlier piehole left it: a log, no recorded format.
+        s.meta.remove(FORMAT).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let disk = Arc::new(Disk::open(&dir.path().join("db")).unwrap());
+        let state = Arc::new(StateMachine::open(disk.clone()).unwrap());
+        let e = RaftStorage::open(disk, state, &[1, 2, 3]).err().unwrap();
+        assert!(e.to_string().contains("earlier piehole"), "{e}");
     }
 
     #[test]
