@@ -9,14 +9,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use harness::git::{self, Work};
-use harness::Cluster;
+use harness::nemesis::Frozen;
+use harness::{Backend, Cluster};
 
 const GROUP: &str = "proj";
 const MAIN: &str = "refs/heads/main";
 
 /// Three nodes that reconcile every second.
-fn cluster() -> Cluster {
-    Cluster::start_with(3, &["--reconcile-interval-ms", "1000"])
+fn cluster(backend: &Backend) -> Cluster {
+    Cluster::start_on(backend, 3, &["--reconcile-interval-ms", "1000"])
 }
 
 /// The retry message of update rule 4, as git shows it to the pusher.
@@ -45,9 +46,8 @@ fn assert_told_to_retry(out: &std::process::Output, group_has: &str) {
 /// slowed down so it stays behind). A push based on the stale value is told
 /// to retry, the replica is pulled forward on the spot, and pull + push works.
 /// A push that already builds on the group's value is accepted at once (rule 3).
-#[test]
-fn out_of_date_replica_rejects_stale_push_then_pull_and_push_works() {
-    let c = Cluster::start_with(3, &["--reconcile-interval-ms", "60000"]);
+fn out_of_date_replica_rejects_stale_push_then_pull_and_push_works(backend: Backend) {
+    let c = Cluster::start_on(&backend, 3, &["--reconcile-interval-ms", "60000"]);
     let reps = git::replicas(&c, GROUP);
     let alice = Work::new(&c, "alice");
     let c1 = alice.commit("c1");
@@ -104,11 +104,10 @@ fn out_of_date_replica_rejects_stale_push_then_pull_and_push_works() {
 /// of times, until piehole's message has been seen. Work that builds on the
 /// group's value, pushed right after, is accepted at once (rule 3 or a plain
 /// CAS); after a pull the stale user's push works.
-#[test]
-fn replica_whose_node_was_down_accepts_descendants_and_rejects_stale_work() {
+fn replica_whose_node_was_down_accepts_descendants_and_rejects_stale_work(backend: Backend) {
     /// Node 3 down/up cycles allowed for piehole's message to show once.
     const ROUNDS: usize = 4;
-    let mut c = cluster();
+    let mut c = cluster(&backend);
     let reps = git::replicas(&c, GROUP);
     let alice = Work::new(&c, "alice");
     let c1 = alice.commit("c1");
@@ -134,8 +133,17 @@ fn replica_whose_node_was_down_accepts_descendants_and_rejects_stale_work() {
         assert_eq!(stale.head(), behind);
         stale.commit(&format!("round {round}: stale work"));
 
+        // With etcd, a restarted node reads the group's value at once and
+        // is behind only while it fetches objects: the peers that have them
+        // are frozen until the push is in, or it would rarely be seen behind.
+        let sources: Vec<Frozen> = if backend.is_etcd() {
+            vec![Frozen::stop(&c, 1), Frozen::stop(&c, 2)]
+        } else {
+            Vec::new()
+        };
         c.restart(3);
         let out = stale.push(&reps[2], &["main"]);
+        drop(sources);
         assert!(
             !out.status.success(),
             "round {round}: a stale push must not win:\n{}",
@@ -312,9 +320,8 @@ fn wait_leader_among(c: &Cluster, ids: &[u64]) -> u64 {
 /// replica has (the origin accepted it and vanished before any peer fetched
 /// it). Pushing the same commit to another replica recovers on the first
 /// push (rule 1); so does pushing newer work on top of it (rule 3).
-#[test]
-fn meteor_consensus_ahead_of_every_replica_recovers_on_first_push() {
-    let c = cluster();
+fn meteor_consensus_ahead_of_every_replica_recovers_on_first_push(backend: Backend) {
+    let c = cluster(&backend);
     let reps = git::replicas(&c, GROUP);
     let user = Work::new(&c, "laptop");
     let c1 = user.commit("c1");
@@ -343,9 +350,8 @@ fn meteor_consensus_ahead_of_every_replica_recovers_on_first_push() {
 /// Scenario 4: a consensus value no replica can satisfy. Pushes fail with a
 /// clear message (and replicas never move to it) until an operator runs
 /// `piehole clobber` in a good replica; then the group works again.
-#[test]
-fn poisoned_consensus_blocks_pushes_until_clobber() {
-    let c = cluster();
+fn poisoned_consensus_blocks_pushes_until_clobber(backend: Backend) {
+    let c = cluster(&backend);
     let reps = git::replicas(&c, GROUP);
     let user = Work::new(&c, "alice");
     let c1 = user.commit("c1");
@@ -393,9 +399,8 @@ fn poisoned_consensus_blocks_pushes_until_clobber() {
 
 /// Scenario 5: the consensus is rewound to an earlier commit. Replicas
 /// follow it back; pushes of the later work catch the group up again.
-#[test]
-fn overrun_consensus_rewound_replicas_follow_and_pushes_catch_up() {
-    let c = cluster();
+fn overrun_consensus_rewound_replicas_follow_and_pushes_catch_up(backend: Backend) {
+    let c = cluster(&backend);
     let reps = git::replicas(&c, GROUP);
     let user = Work::new(&c, "alice");
     let c1 = user.commit("c1");
@@ -422,9 +427,8 @@ fn overrun_consensus_rewound_replicas_follow_and_pushes_catch_up() {
 
 /// Scenario 6: a replica wiped and re-created from scratch (`git init
 /// --bare` + `piehole install`) catches up to every ref, and takes pushes.
-#[test]
-fn replica_recreated_from_scratch_catches_up() {
-    let c = cluster();
+fn replica_recreated_from_scratch_catches_up(backend: Backend) {
+    let c = cluster(&backend);
     let reps = git::replicas(&c, GROUP);
     let user = Work::new(&c, "alice");
     user.commit("c1");
@@ -459,9 +463,8 @@ fn replica_recreated_from_scratch_catches_up() {
 /// Scenario 7: the node on the host receiving the push is down. The push
 /// fails saying the local piehole node is unreachable; nothing changes in
 /// any replica or in the consensus.
-#[test]
-fn push_with_local_node_down_fails_as_unreachable_and_changes_nothing() {
-    let mut c = cluster();
+fn push_with_local_node_down_fails_as_unreachable_and_changes_nothing(backend: Backend) {
+    let mut c = cluster(&backend);
     let reps = git::replicas(&c, GROUP);
     let user = Work::new(&c, "alice");
     let c1 = user.commit("c1");
@@ -584,8 +587,7 @@ fn leader_lost_pushes_continue_then_minority_says_no_quorum() {
 /// afterwards the tip must still be missing from replica 2 (the kill came
 /// before the pack was complete). If the transfer finished in between, the round is repeated
 /// with another large commit, a bounded number of times.
-#[test]
-fn node_killed_during_large_replication_completes_after_restart() {
+fn node_killed_during_large_replication_completes_after_restart(backend: Backend) {
     /// Large pushes allowed for one kill to land inside a transfer.
     const ROUNDS: u64 = 3;
     /// How often replica 2's pack directory is looked at: a transfer of
@@ -593,7 +595,7 @@ fn node_killed_during_large_replication_completes_after_restart() {
     const WATCH_EVERY: Duration = Duration::from_millis(2);
     /// Bytes of the ~30 MB pack that must have arrived before the kill.
     const STREAMING: u64 = 1024 * 1024;
-    let mut c = cluster();
+    let mut c = cluster(&backend);
     let reps = git::replicas(&c, GROUP);
     let user = Work::new(&c, "big");
     user.commit("root");
@@ -735,3 +737,14 @@ fn temporary_files(repo: &Path) -> Vec<PathBuf> {
     found.sort();
     found
 }
+
+on_both_backends!(
+    out_of_date_replica_rejects_stale_push_then_pull_and_push_works,
+    replica_whose_node_was_down_accepts_descendants_and_rejects_stale_work,
+    meteor_consensus_ahead_of_every_replica_recovers_on_first_push,
+    poisoned_consensus_blocks_pushes_until_clobber,
+    overrun_consensus_rewound_replicas_follow_and_pushes_catch_up,
+    replica_recreated_from_scratch_catches_up,
+    push_with_local_node_down_fails_as_unreachable_and_changes_nothing,
+    node_killed_during_large_replication_completes_after_restart,
+);

@@ -16,21 +16,21 @@ use std::time::{Duration, Instant};
 use harness::git::{self, Work};
 use harness::nemesis::Frozen;
 use harness::sampler::RefSampler;
-use harness::Cluster;
 use harness::ZERO;
+use harness::{Backend, Cluster};
 
 const GROUP: &str = "proj";
 const MAIN: &str = "refs/heads/main";
 
 /// Three nodes that reconcile every second.
-fn cluster() -> Cluster {
-    Cluster::start_with(3, &["--reconcile-interval-ms", "1000"])
+fn cluster(backend: &Backend) -> Cluster {
+    Cluster::start_on(backend, 3, &["--reconcile-interval-ms", "1000"])
 }
 
 /// Three nodes whose periodic reconcile does not come during the test, so a
 /// replica put behind the group behind piehole's back stays behind.
-fn slow_reconcile_cluster() -> Cluster {
-    Cluster::start_with(3, &["--reconcile-interval-ms", "60000"])
+fn slow_reconcile_cluster(backend: &Backend) -> Cluster {
+    Cluster::start_on(backend, 3, &["--reconcile-interval-ms", "60000"])
 }
 
 /// Replicas on every node, with `main` pushed and replicated; returns them
@@ -146,9 +146,8 @@ fn settled_commit_index(c: &Cluster) -> u64 {
 /// so: their main may only ever move to a descendant of what it was (SPEC §3,
 /// monotonic replicas), and never disappear. A replica that does not reach
 /// a round's commit within 30 s fails the test too, after the step-back check.
-#[test]
-fn double_crash_after_push_never_steps_a_replica_back() {
-    let mut c = cluster();
+fn double_crash_after_push_never_steps_a_replica_back(backend: Backend) {
+    let mut c = cluster(&backend);
     let (reps, user, _) = group_with_main(&c);
     let sampler = RefSampler::start(&reps[1..], MAIN);
     // A replica stuck behind is reported after the step back that usually causes it.
@@ -198,13 +197,14 @@ fn double_crash_after_push_never_steps_a_replica_back() {
 /// Within 8 s every replica's main equals the consensus, and the consensus
 /// is the pushed commit or the one before it: nothing the node did for the
 /// dead hook may keep a replica behind for long.
-#[test]
-fn a_hook_that_dies_after_the_node_accepted_delays_convergence_by_seconds_at_most() {
+fn a_hook_that_dies_after_the_node_accepted_delays_convergence_by_seconds_at_most(
+    backend: Backend,
+) {
     // Both hook paths: proc-receive (git 2.29+), where the node moves the
     // ref itself, and the update hook of older git, where git does and the
     // node holds the ref for it until a deadline.
     for hooks in [&[][..], &["--hook", "update"][..]] {
-        let c = cluster();
+        let c = cluster(&backend);
         let reps: Vec<PathBuf> = (1..=3)
             .map(|id| {
                 let repo = git::bare_repo(&c, id, GROUP);
@@ -239,11 +239,10 @@ fn a_hook_that_dies_after_the_node_accepted_delays_convergence_by_seconds_at_mos
 /// have). A new branch pushed to replica 1 still reaches replicas 2 and 3
 /// within 10 s, and `piehole check` in replica 2 fails naming
 /// refs/heads/lost as a ref no replica has, with `clobber` as the way out.
-#[test]
-fn a_ref_no_replica_can_serve_does_not_block_other_refs() {
+fn a_ref_no_replica_can_serve_does_not_block_other_refs(backend: Backend) {
     const LOST: &str = "refs/heads/lost";
     const FRESH: &str = "refs/heads/fresh";
-    let c = cluster();
+    let c = cluster(&backend);
     let (reps, user, _) = group_with_main(&c);
     // Not the hash of anything git would write.
     let nowhere = "badbadbadbadbadbadbadbadbadbadbadbadbad1";
@@ -283,10 +282,9 @@ fn a_ref_no_replica_can_serve_does_not_block_other_refs() {
 /// timeout 3 s + the hook's 3 s margin + process start), failing with a
 /// message that says the node did not answer. The phrase "did not answer"
 /// is part of the new interface.
-#[test]
-fn a_push_to_a_frozen_node_fails_within_the_bound() {
+fn a_push_to_a_frozen_node_fails_within_the_bound(backend: Backend) {
     let timeout = harness::SHORT_REQUEST_TIMEOUT_MS.to_string();
-    let c = Cluster::start_with(3, &["--request-timeout-ms", &timeout]);
+    let c = Cluster::start_on(&backend, 3, &["--request-timeout-ms", &timeout]);
     let (reps, user, _) = group_with_main(&c);
     user.commit("c2, pushed to a frozen node");
     let _frozen = Frozen::stop(&c, 1);
@@ -325,11 +323,10 @@ fn a_push_to_a_frozen_node_fails_within_the_bound() {
 /// user's b is a fast-forward). `git push --atomic` of a (acceptable alone)
 /// and b (stale) fails, and then neither the consensus nor any replica has
 /// the new a: right away, and after a later push has replicated.
-#[test]
-fn an_atomic_push_with_one_rejected_ref_changes_nothing() {
+fn an_atomic_push_with_one_rejected_ref_changes_nothing(backend: Backend) {
     const A: &str = "refs/heads/a";
     const B: &str = "refs/heads/b";
-    let c = slow_reconcile_cluster();
+    let c = slow_reconcile_cluster(&backend);
     let reps = git::replicas(&c, GROUP);
     let alice = Work::new(&c, "alice");
     let c1 = alice.commit("c1");
@@ -391,7 +388,7 @@ fn an_atomic_push_with_one_rejected_ref_changes_nothing() {
 #[test]
 fn a_push_of_many_tags_costs_constant_hooks_and_log_entries() {
     const TAGS: usize = 200;
-    let c = cluster();
+    let c = cluster(&Backend::Raft);
     let (reps, user, _) = group_with_main(&c);
     let count_file = c.dir.path().join("hook-runs");
     wrap_piehole_hooks(
@@ -461,10 +458,9 @@ fn wait_for_reconcile_pass(c: &Cluster, witness: &Path, tip: &str) {
 /// follows the group (mine gone from refs/heads/) and mine's tip stays
 /// reachable from a ref under refs/piehole/. The refusal and the backup ref
 /// are the new interface.
-#[test]
-fn install_into_a_group_refuses_to_delete_the_new_repositorys_own_branches() {
+fn install_into_a_group_refuses_to_delete_the_new_repositorys_own_branches(backend: Backend) {
     const MINE: &str = "refs/heads/mine";
-    let c = cluster();
+    let c = cluster(&backend);
     let reps: Vec<PathBuf> = (1..=2)
         .map(|id| {
             let r = git::bare_repo(&c, id, GROUP);
@@ -548,10 +544,9 @@ fn install_into_a_group_refuses_to_delete_the_new_repositorys_own_branches() {
 /// fails pointing at --prune, consensus unchanged; `piehole clobber
 /// --prune` succeeds and removes that ref from the consensus. The refusals
 /// and `--prune` are the new interface.
-#[test]
-fn clobber_only_works_from_a_registered_replica_and_removes_refs_only_when_asked() {
+fn clobber_only_works_from_a_registered_replica_and_removes_refs_only_when_asked(backend: Backend) {
     const EXTRA: &str = "refs/heads/extra";
-    let c = slow_reconcile_cluster();
+    let c = slow_reconcile_cluster(&backend);
     let (reps, _, c1) = group_with_main(&c);
 
     let stray = c.dir.path().join("elsewhere").join("proj.git");
@@ -598,7 +593,7 @@ fn clobber_only_works_from_a_registered_replica_and_removes_refs_only_when_asked
 /// lock must be gone.
 #[test]
 fn a_lock_file_left_by_a_killed_node_does_not_block_the_ref_for_good() {
-    let c = cluster();
+    let c = cluster(&Backend::Raft);
     let (reps, user, c1) = group_with_main(&c);
     let lock = reps[1].join("refs/heads/main.lock");
     std::fs::write(&lock, format!("{c1}\n")).unwrap();
@@ -620,7 +615,7 @@ fn a_lock_file_left_by_a_killed_node_does_not_block_the_ref_for_good() {
 /// 2 is repacked to a few packs (found in review: packs piled up).
 #[test]
 fn replicas_that_only_receive_through_piehole_are_repacked() {
-    let c = cluster();
+    let c = cluster(&Backend::Raft);
     let (reps, user, _) = group_with_main(&c);
     git::git_ok(&reps[1], &["config", "gc.autoPackLimit", "4"]);
     let packs = |repo: &Path| {
@@ -650,9 +645,8 @@ fn replicas_that_only_receive_through_piehole_are_repacked() {
 /// refs/heads/a/b was acknowledged, though no replica could ever hold both
 /// (a ref cannot also be a directory). It must be refused, naming the ref
 /// in the way, and the consensus must not have it.
-#[test]
-fn a_ref_that_would_be_a_directory_of_another_is_refused() {
-    let c = cluster();
+fn a_ref_that_would_be_a_directory_of_another_is_refused(backend: Backend) {
+    let c = cluster(&backend);
     let (reps, user, _) = group_with_main(&c);
     let out = user.push(&reps[1], &["main:refs/heads/main/sub"]);
     git::assert_failed_with(
@@ -674,9 +668,8 @@ fn a_ref_that_would_be_a_directory_of_another_is_refused() {
 /// (refs/remotes/) in its own transaction, after the consensus took the
 /// rest, so an atomic push mixing both could not be all or nothing. It is
 /// refused whole, and nothing moves.
-#[test]
-fn an_atomic_push_mixing_replicated_and_local_refs_is_refused_whole() {
-    let c = cluster();
+fn an_atomic_push_mixing_replicated_and_local_refs_is_refused_whole(backend: Backend) {
+    let c = cluster(&backend);
     let (reps, user, c1) = group_with_main(&c);
     let c2 = user.commit("c2");
     let out = user.git(&[
@@ -710,7 +703,7 @@ fn an_atomic_push_mixing_replicated_and_local_refs_is_refused_whole() {
 /// started is taken for dead after 1 s, and the node looks again right then.
 #[test]
 fn a_node_restarted_right_after_a_kill_mid_update_catches_up_within_2s() {
-    let mut c = cluster();
+    let mut c = cluster(&Backend::Raft);
     let (reps, user, _) = group_with_main(&c);
     c.kill(2);
     std::fs::write(reps[1].join("refs/heads/main.lock"), "").unwrap();
@@ -729,3 +722,15 @@ fn a_node_restarted_right_after_a_kill_mid_update_catches_up_within_2s() {
         restarted.elapsed()
     );
 }
+
+on_both_backends!(
+    double_crash_after_push_never_steps_a_replica_back,
+    a_hook_that_dies_after_the_node_accepted_delays_convergence_by_seconds_at_most,
+    a_ref_no_replica_can_serve_does_not_block_other_refs,
+    a_push_to_a_frozen_node_fails_within_the_bound,
+    an_atomic_push_with_one_rejected_ref_changes_nothing,
+    install_into_a_group_refuses_to_delete_the_new_repositorys_own_branches,
+    clobber_only_works_from_a_registered_replica_and_removes_refs_only_when_asked,
+    a_ref_that_would_be_a_directory_of_another_is_refused,
+    an_atomic_push_mixing_replicated_and_local_refs_is_refused_whole,
+);

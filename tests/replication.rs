@@ -11,18 +11,17 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use harness::git::{self, Work};
-use harness::Cluster;
+use harness::{Backend, Cluster};
 
 const GROUP: &str = "proj";
 
 /// Three nodes that reconcile every second, so a missed nudge costs little.
-fn cluster() -> Cluster {
-    Cluster::start_with(3, &["--reconcile-interval-ms", "1000"])
+fn cluster(backend: &Backend) -> Cluster {
+    Cluster::start_on(backend, 3, &["--reconcile-interval-ms", "1000"])
 }
 
-#[test]
-fn branches_and_tags_pushed_to_one_replica_appear_on_all() {
-    let c = cluster();
+fn branches_and_tags_pushed_to_one_replica_appear_on_all(backend: Backend) {
+    let c = cluster(&backend);
     let reps = git::replicas(&c, GROUP);
     let work = Work::new(&c, "alice");
 
@@ -63,9 +62,8 @@ fn branches_and_tags_pushed_to_one_replica_appear_on_all() {
     }
 }
 
-#[test]
-fn branch_deletion_replicates() {
-    let c = cluster();
+fn branch_deletion_replicates(backend: Backend) {
+    let c = cluster(&backend);
     let reps = git::replicas(&c, GROUP);
     let work = Work::new(&c, "alice");
     let main = work.commit("main work");
@@ -104,9 +102,8 @@ struct Attempt {
 /// had already replicated there, which a round may see but not every round:
 /// piehole's retry message must show at least once. After a pull the
 /// loser's push goes through.
-#[test]
-fn concurrent_conflicting_pushes_one_wins_and_replicas_never_diverge() {
-    let c = cluster();
+fn concurrent_conflicting_pushes_one_wins_and_replicas_never_diverge(backend: Backend) {
+    let c = cluster(&backend);
     let reps = git::replicas(&c, GROUP);
     let seed = Work::new(&c, "seed");
     let mut base = seed.commit("base");
@@ -248,9 +245,8 @@ fn concurrent_conflicting_pushes_one_wins_and_replicas_never_diverge() {
     }
 }
 
-#[test]
-fn large_push_replicates_and_every_replica_clones_clean() {
-    let c = cluster();
+fn large_push_replicates_and_every_replica_clones_clean(backend: Backend) {
+    let c = cluster(&backend);
     let reps = git::replicas(&c, GROUP);
     let work = Work::new(&c, "big");
     work.commit("root");
@@ -278,9 +274,8 @@ fn large_push_replicates_and_every_replica_clones_clean() {
     assert!(out.stdout == big, "the 20 MB blob differs on replica 3");
 }
 
-#[test]
-fn status_shows_each_replica_with_consensus_and_local_values() {
-    let c = cluster();
+fn status_shows_each_replica_with_consensus_and_local_values(backend: Backend) {
+    let c = cluster(&backend);
     let reps = git::replicas(&c, GROUP);
     let work = Work::new(&c, "alice");
     let head = work.commit("one");
@@ -309,7 +304,20 @@ fn status_shows_each_replica_with_consensus_and_local_values() {
         },
     );
     assert_eq!(status["node_id"], 1);
-    assert!(status["leader_id"].as_u64().is_some(), "{status}");
+    if backend.is_etcd() {
+        assert_eq!(status["backend"], "etcd", "{status}");
+        assert!(
+            status["store"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("etcd at ")),
+            "{status}"
+        );
+    } else {
+        assert!(
+            status["leader_id"].as_u64().is_some_and(|l| l > 0),
+            "{status}"
+        );
+    }
     assert_eq!(
         status["members"].as_array().map(|m| m.len()),
         Some(3),
@@ -351,3 +359,11 @@ fn status_shows_each_replica_with_consensus_and_local_values() {
         );
     }
 }
+
+on_both_backends!(
+    branches_and_tags_pushed_to_one_replica_appear_on_all,
+    branch_deletion_replicates,
+    concurrent_conflicting_pushes_one_wins_and_replicas_never_diverge,
+    large_push_replicates_and_every_replica_clones_clean,
+    status_shows_each_replica_with_consensus_and_local_values,
+);

@@ -10,7 +10,7 @@ mod harness;
 use std::path::PathBuf;
 
 use harness::git::{self, Work};
-use harness::Cluster;
+use harness::{Backend, Cluster};
 
 const GROUP: &str = "proj";
 const MAIN: &str = "refs/heads/main";
@@ -18,11 +18,10 @@ const MAIN: &str = "refs/heads/main";
 /// Branches, tags and a deletion pushed through the update hook reach every
 /// replica; a stale push is refused with piehole's retry message and
 /// changes nothing; after a pull the push goes through.
-#[test]
-fn pushes_through_the_update_hook_replicate_and_stale_ones_are_told_to_retry() {
+fn pushes_through_the_update_hook_replicate_and_stale_ones_are_told_to_retry(backend: Backend) {
     // The periodic reconcile would undo the stale view made below before
     // Bob pushes; changes still replicate at once.
-    let c = Cluster::start_with(3, &["--reconcile-interval-ms", "60000"]);
+    let c = Cluster::start_on(&backend, 3, &["--reconcile-interval-ms", "60000"]);
     let reps: Vec<PathBuf> = (1..=3)
         .map(|id| {
             let repo = git::bare_repo(&c, id, GROUP);
@@ -76,3 +75,5 @@ fn pushes_through_the_update_hook_replicate_and_stale_ones_are_told_to_retry() {
         git::fsck(r);
     }
 }
+
+on_both_backends!(pushes_through_the_update_hook_replicate_and_stale_ones_are_told_to_retry,);

@@ -24,6 +24,27 @@ pub struct NodeSettings {
     pub reconcile_interval_ms: Option<u64>,
     pub durability: Option<String>,
     pub etcd: Option<Vec<String>>,
+    pub etcd_prefix: Option<String>,
+    pub etcd_auth_file: Option<PathBuf>,
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
+    pub advertise: Option<String>,
+}
+
+/// Compatibility mode: where the consensus lives in etcd, and how to log in.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    /// Ends with '/'.
+    pub prefix: String,
+    /// (user, password)
+    pub auth: Option<(String, String)>,
+    /// CA, and client (certificate, key), all PEM.
+    pub ca: Option<Vec<u8>>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The peer address this node registers for the others.
+    pub advertise: String,
 }
 
 /// Settings after checking, as the node uses them.
@@ -41,6 +62,8 @@ pub struct NodeConfig {
     pub snapshot_interval: u64,
     pub reconcile_interval: Duration,
     pub durability: Durability,
+    /// Some: the consensus is in etcd, and `peers` holds only this node.
+    pub etcd: Option<EtcdConfig>,
 }
 
 impl NodeConfig {
@@ -75,6 +98,12 @@ impl NodeSettings {
             reconcile_interval_ms: over.reconcile_interval_ms.or(self.reconcile_interval_ms),
             durability: over.durability.or(self.durability),
             etcd: over.etcd.or(self.etcd),
+            etcd_prefix: over.etcd_prefix.or(self.etcd_prefix),
+            etcd_auth_file: over.etcd_auth_file.or(self.etcd_auth_file),
+            etcd_ca: over.etcd_ca.or(self.etcd_ca),
+            etcd_cert: over.etcd_cert.or(self.etcd_cert),
+            etcd_key: over.etcd_key.or(self.etcd_key),
+            advertise: over.advertise.or(self.advertise),
         }
     }
 
@@ -91,15 +120,23 @@ impl NodeSettings {
         if id == 0 {
             return Err("--id must be a positive integer".into());
         }
-        let data_dir = self.data_dir.ok_or("--data-dir is required")?;
-        let listen_s = self.listen.ok_or("--listen is required")?;
+        let data_dir = self.data_dir.clone().ok_or("--data-dir is required")?;
+        let listen_s = self.listen.clone().ok_or("--listen is required")?;
         let listen: SocketAddr = listen_s.parse().map_err(|_| {
             format!("--listen {listen_s:?} is not HOST:PORT with a numeric IP address")
         })?;
-        if self.etcd.is_some() {
-            return Err("compatibility mode (--etcd) is not available in this build yet".into());
-        }
-        let raw_peers = self.peers.ok_or("--peers is required (ID=HOST:PORT,...)")?;
+        let etcd = self.etcd_config(&listen_s)?;
+        let raw_peers = match (&etcd, self.peers) {
+            (None, Some(p)) => p,
+            (None, None) => return Err("--peers is required (ID=HOST:PORT,...), or --etcd".into()),
+            (Some(_), Some(_)) => {
+                return Err(
+                    "--peers and --etcd exclude each other: in etcd mode nodes find each other through etcd"
+                        .into(),
+                )
+            }
+            (Some(e), None) => BTreeMap::from([(id.to_string(), e.advertise.clone())]),
+        };
         let mut peers = BTreeMap::new();
         for (k, addr) in raw_peers {
             let pid: u64 = k
@@ -156,7 +193,78 @@ impl NodeSettings {
             reconcile_interval: Duration::from_millis(
                 self.reconcile_interval_ms.unwrap_or(5_000).max(100),
             ),
+            etcd,
         })
+    }
+
+    /// The etcd settings, read and checked; None without --etcd.
+    fn etcd_config(&self, listen: &str) -> Result<Option<EtcdConfig>, String> {
+        let Some(endpoints) = &self.etcd else {
+            let stray = [
+                ("--etcd-prefix", self.etcd_prefix.is_some()),
+                ("--etcd-auth-file", self.etcd_auth_file.is_some()),
+                ("--etcd-ca", self.etcd_ca.is_some()),
+                ("--etcd-cert", self.etcd_cert.is_some()),
+                ("--etcd-key", self.etcd_key.is_some()),
+                ("--advertise", self.advertise.is_some()),
+            ];
+            if let Some((flag, _)) = stray.iter().find(|(_, set)| *set) {
+                return Err(format!("{flag} needs --etcd"));
+            }
+            return Ok(None);
+        };
+        let endpoints: Vec<String> = endpoints
+            .iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err("--etcd needs at least one endpoint URL".into());
+        }
+        let mut prefix = self
+            .etcd_prefix
+            .clone()
+            .unwrap_or_else(|| "/piehole/".into());
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        let read = |what: &str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| format!("cannot read {what} {}: {e}", p.display()))
+        };
+        let auth = match &self.etcd_auth_file {
+            None => None,
+            Some(p) => {
+                let text = String::from_utf8(read("--etcd-auth-file", p)?)
+                    .map_err(|_| format!("{} is not text", p.display()))?;
+                let (user, password) = text
+                    .trim_end_matches(['\n', '\r'])
+                    .split_once(':')
+                    .ok_or_else(|| format!("{} must hold USER:PASSWORD", p.display()))?;
+                if user.is_empty() {
+                    return Err(format!("{} names no user", p.display()));
+                }
+                Some((user.to_string(), password.to_string()))
+            }
+        };
+        let ca = self
+            .etcd_ca
+            .as_ref()
+            .map(|p| read("--etcd-ca", p))
+            .transpose()?;
+        let identity = match (&self.etcd_cert, &self.etcd_key) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((read("--etcd-cert", c)?, read("--etcd-key", k)?)),
+            _ => return Err("--etcd-cert and --etcd-key go together".into()),
+        };
+        let advertise = self.advertise.clone().unwrap_or_else(|| listen.to_string());
+        Ok(Some(EtcdConfig {
+            endpoints,
+            prefix,
+            auth,
+            ca,
+            identity,
+            advertise,
+        }))
     }
 }
 

@@ -9,7 +9,6 @@
 //! objects and fsync them that a majority of the cluster holds them, so
 //! destroying any minority of hosts loses no acknowledged push.
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -53,8 +52,6 @@ impl std::fmt::Display for Durability {
 pub struct ObjectQuorum {
     pub level: Durability,
     pub consensus: Arc<dyn Consensus>,
-    /// Every member, this node included.
-    pub peers: BTreeMap<u64, String>,
     pub auth: PeerAuth,
 }
 
@@ -69,7 +66,8 @@ impl ObjectQuorum {
         deadline: Instant,
     ) -> Result<(), String> {
         // This node has the objects; a majority needs this many more.
-        let needed = self.peers.len() / 2;
+        let peers = self.consensus.peers();
+        let needed = peers.len() / 2;
         if self.level == Durability::Local || wants.is_empty() || needed == 0 {
             return Ok(());
         }
@@ -82,7 +80,7 @@ impl ObjectQuorum {
             .replicas
             .keys()
             .filter(|&&id| id != me)
-            .filter_map(|id| self.peers.get(id).map(|a| (*id, a.clone())))
+            .filter_map(|id| peers.get(id).map(|a| (*id, a.clone())))
             .collect();
         if holders.len() < needed {
             return Err(format!(

@@ -5,6 +5,8 @@
 //! - [`push`]: one push: receive.* policy, [`durability`], the update rule,
 //!   then the replica's refs.
 //! - [`update_rule`]: SPEC §3, accept or reject every ref of a push.
+//! - [`ref_rule`]: the compare-and-swap of one push over any view of a
+//!   group; both backends decide with it.
 //! - [`consensus`]: the one trait the rest talks to; [`consensus::raft`] is
 //!   the embedded Raft backend (driver thread, sled log, transport).
 //! - [`state`]: the deterministic state machine (groups, replicas, refs),
@@ -27,6 +29,7 @@ pub mod durability;
 pub mod local_refs;
 pub mod peer_client;
 pub mod push;
+pub mod ref_rule;
 pub mod replicator;
 pub mod server;
 pub mod state;

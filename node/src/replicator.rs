@@ -51,7 +51,6 @@ pub struct Replicator {
     consensus: Arc<dyn Consensus>,
     local_refs: Arc<LocalRefs>,
     node_id: u64,
-    peers: BTreeMap<u64, String>,
     auth: PeerAuth,
     reconcile_every: Duration,
     nudges: mpsc::UnboundedSender<String>,
@@ -89,7 +88,6 @@ impl Replicator {
     pub fn new(
         consensus: Arc<dyn Consensus>,
         local_refs: Arc<LocalRefs>,
-        peers: BTreeMap<u64, String>,
         auth: PeerAuth,
         reconcile_every: Duration,
     ) -> Arc<Self> {
@@ -98,7 +96,6 @@ impl Replicator {
             node_id: consensus.node_id(),
             consensus,
             local_refs,
-            peers,
             auth,
             reconcile_every,
             nudges,
@@ -388,7 +385,8 @@ impl Replicator {
             .collect();
         sources.extend(view.replicas.keys().copied());
         let mut seen = BTreeSet::new();
-        sources.retain(|&n| n != self.node_id && self.peers.contains_key(&n) && seen.insert(n));
+        let peers = self.consensus.peers();
+        sources.retain(|&n| n != self.node_id && peers.contains_key(&n) && seen.insert(n));
         let mut lacked_by: HashMap<String, usize> = HashMap::new();
         let mut answered = 0;
         let mut error = None;
@@ -447,10 +445,11 @@ impl Replicator {
         path: &Path,
     ) -> Result<Fetched, String> {
         let addr = self
-            .peers
-            .get(&source)
+            .consensus
+            .peers()
+            .remove(&source)
             .ok_or_else(|| format!("node {source} is not a member"))?;
-        let mut client = peer_client::connect(addr, &self.auth).map_err(|e| e.to_string())?;
+        let mut client = peer_client::connect(&addr, &self.auth).map_err(|e| e.to_string())?;
         let req = pb::FetchPackRequest {
             group: group.into(),
             wants: wants.to_vec(),

@@ -13,6 +13,7 @@ use tokio_stream::StreamExt as _;
 use crate::api::local::LocalService;
 use crate::api::peer::{PeerGate, PeerService};
 use crate::config::NodeConfig;
+use crate::consensus::etcd::EtcdConsensus;
 use crate::consensus::raft::RaftConsensus;
 use crate::consensus::Consensus;
 use crate::disk::Disk;
@@ -22,6 +23,10 @@ use crate::peer_client::PeerAuth;
 use crate::push::Pushes;
 use crate::replicator::Replicator;
 use crate::state::StateMachine;
+
+/// The consensus backend's own task: the Raft driver thread, or the etcd
+/// watch and lease. The node stops when it ends.
+type Backend = tokio::task::JoinHandle<anyhow::Result<()>>;
 
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
@@ -40,19 +45,31 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot bind {}", sock_path.display()))?;
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o660))?;
 
-    let state = Arc::new(StateMachine::open(disk.clone())?);
     let auth = PeerAuth {
         from: config.id,
         secret: config.cluster_secret.as_deref().map(Arc::from),
     };
-    let started = RaftConsensus::start(&config, disk, state, auth.clone())?;
-    let (inbox, driver) = (started.inbox, started.driver);
-    let consensus: Arc<dyn Consensus> = started.consensus;
+    let (consensus, inbox, backend): (Arc<dyn Consensus>, _, Backend) = match &config.etcd {
+        None => {
+            let state = Arc::new(StateMachine::open(disk.clone())?);
+            let started = RaftConsensus::start(&config, disk.clone(), state, auth.clone())?;
+            let driver = started.driver;
+            let done = tokio::task::spawn_blocking(move || match driver.join() {
+                Ok(r) => r,
+                Err(_) => Err(anyhow!("consensus thread panicked")),
+            });
+            (started.consensus, Some(started.inbox), done)
+        }
+        Some(etcd) => {
+            // The sled database stays open, unused: it locks the data dir.
+            let started = EtcdConsensus::start(&config, etcd).await?;
+            (started.consensus, None, started.background)
+        }
+    };
     let local_refs = LocalRefs::new(consensus.clone());
     let replicator = Replicator::new(
         consensus.clone(),
         local_refs.clone(),
-        config.peers.clone(),
         auth.clone(),
         config.reconcile_interval,
     );
@@ -64,14 +81,13 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         quorum: ObjectQuorum {
             level: config.durability,
             consensus: consensus.clone(),
-            peers: config.peers.clone(),
             auth: auth.clone(),
         },
     });
 
     let gate = PeerGate {
         secret: auth.secret.clone(),
-        members: Arc::new(config.peers.clone()),
+        consensus: consensus.clone(),
     };
     // Snapshots and raft batches can be far larger than tonic's 4 MB default.
     let peer = tonic::service::interceptor::InterceptedService::new(
@@ -87,7 +103,6 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         consensus,
         replicator,
         pushes,
-        peers: config.peers.clone(),
         auth,
         request_timeout: config.request_timeout,
         durability: config.durability,
@@ -110,13 +125,12 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     );
     tracing::info!(id = config.id, listen = %config.listen, socket = %sock_path.display(), "node started");
 
-    let driver_done = tokio::task::spawn_blocking(move || driver.join());
     let result = tokio::select! {
         _ = shutdown_signal() => Ok(()),
-        r = driver_done => match r {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(e.context("consensus stopped")),
-            _ => Err(anyhow!("consensus thread panicked")),
+        r = backend => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.context("consensus stopped")),
+            Err(_) => Err(anyhow!("consensus task panicked")),
         },
         r = peer_task => Err(anyhow!("peer API stopped: {r:?}")),
         r = local_task => Err(anyhow!("local API stopped: {r:?}")),

@@ -15,6 +15,7 @@ use prost::Message as _;
 use tokio::sync::broadcast;
 
 use crate::disk::Disk;
+use crate::ref_rule::{self, Cas, RefView};
 
 const APPLIED: &[u8] = b"applied";
 const RESTORED_FROM: &[u8] = b"restored_from";
@@ -299,126 +300,37 @@ impl StateMachine {
         Ok(())
     }
 
-    /// The compare-and-swap rule, per ref: equal to `new` already is success
-    /// (a retried or replayed update), equal to `expected` moves it,
-    /// anything else fails and reports the current value. A ref that would
-    /// need another ref's name as a directory (or the reverse) is refused.
-    /// Atomic: all move or none does.
+    /// One push, decided by [`ref_rule::decide`] on this state.
     fn push(&self, batch: &mut sled::Batch, p: &pb::PushOp) -> anyhow::Result<Outcome> {
-        let mut outcomes = Vec::with_capacity(p.updates.len());
-        let mut moves = Vec::new();
-        // Names this push deletes (whatever their order in it, as in git's
-        // own transactions) and creates, as seen by the clash check.
-        let mut deleted = BTreeSet::new();
-        for u in &p.updates {
-            let current = self.ref_value_unlocked(&p.group, &u.ref_name);
-            if u.new.is_empty() && current.as_deref().unwrap_or_default() == u.expected {
-                deleted.insert(u.ref_name.clone());
-            }
-        }
-        let mut created = BTreeSet::new();
-        for u in &p.updates {
-            let k = key(REF, &p.group, u.ref_name.as_bytes());
-            let current = self.tree.get(&k)?.map(|b| decode_ref(&b).value);
-            let current_or_empty = current.as_deref().unwrap_or_default();
-            let outcome = if current_or_empty == u.new {
-                RefOutcome {
-                    applied: true,
-                    current,
-                    blocked_by: None,
-                }
-            } else if current_or_empty != u.expected {
-                RefOutcome {
-                    applied: false,
-                    current,
-                    blocked_by: None,
-                }
-            } else if let Some(other) = (current.is_none() && !u.new.is_empty())
-                .then(|| self.name_clash(&p.group, &u.ref_name, &created, &deleted))
-                .transpose()?
-                .flatten()
-            {
-                RefOutcome {
-                    applied: false,
-                    current,
-                    blocked_by: Some(other),
-                }
-            } else {
-                if !u.new.is_empty() {
-                    created.insert(u.ref_name.clone());
-                }
-                moves.push((k, u));
-                RefOutcome {
-                    applied: true,
-                    current: (!u.new.is_empty()).then(|| u.new.clone()),
-                    blocked_by: None,
-                }
-            };
-            outcomes.push(outcome);
-        }
-        if p.atomic && outcomes.iter().any(|o| !o.applied) {
-            // Nothing moves; report every ref's present value.
-            for (o, u) in outcomes.iter_mut().zip(&p.updates) {
-                if o.applied {
-                    o.applied = false;
-                    o.current = self.ref_value_unlocked(&p.group, &u.ref_name);
-                }
-            }
-            return Ok(Outcome::Push(outcomes));
-        }
-        if !moves.is_empty() {
+        let updates: Vec<Cas> = p
+            .updates
+            .iter()
+            .map(|u| Cas {
+                name: &u.ref_name,
+                expected: &u.expected,
+                new: &u.new,
+            })
+            .collect();
+        let view = SledRefs {
+            tree: &self.tree,
+            group: &p.group,
+        };
+        let decision = ref_rule::decide(&updates, p.atomic, &view)?;
+        if !decision.moves.is_empty() {
             batch.insert(group_prefix(GROUP, &p.group), b"");
             let version = self.version_unlocked(&p.group)? + 1;
             batch.insert(group_prefix(VERSION, &p.group), &version.to_be_bytes());
         }
-        for (k, u) in moves {
+        for i in decision.moves {
+            let u = &p.updates[i];
+            let k = key(REF, &p.group, u.ref_name.as_bytes());
             if u.new.is_empty() {
                 batch.remove(k);
             } else {
                 batch.insert(k, encode_ref(&u.new, p.proposer));
             }
         }
-        Ok(Outcome::Push(outcomes))
-    }
-
-    /// A ref of `group` that creating `name` would clash with: one whose
-    /// name is a leading directory of `name`, or one under `name/`. Refs
-    /// this push creates count, refs it deletes do not.
-    fn name_clash(
-        &self,
-        group: &str,
-        name: &str,
-        created: &BTreeSet<String>,
-        deleted: &BTreeSet<String>,
-    ) -> anyhow::Result<Option<String>> {
-        let exists = |n: &str| -> anyhow::Result<bool> {
-            Ok(created.contains(n)
-                || (!deleted.contains(n)
-                    && self.tree.contains_key(key(REF, group, n.as_bytes()))?))
-        };
-        for (i, _) in name.match_indices('/') {
-            let parent = &name[..i];
-            if exists(parent)? {
-                return Ok(Some(parent.to_string()));
-            }
-        }
-        let below = format!("{name}/");
-        if let Some(c) = created
-            .range(below.clone()..)
-            .next()
-            .filter(|c| c.starts_with(&below))
-        {
-            return Ok(Some(c.clone()));
-        }
-        for kv in self.tree.scan_prefix(key(REF, group, below.as_bytes())) {
-            let (k, _) = kv?;
-            let prefix_len = group_prefix(REF, group).len();
-            let child = String::from_utf8_lossy(&k[prefix_len..]).into_owned();
-            if !deleted.contains(&child) {
-                return Ok(Some(child));
-            }
-        }
-        Ok(None)
+        Ok(Outcome::Push(decision.outcomes))
     }
 
     fn version_unlocked(&self, group: &str) -> anyhow::Result<u64> {
@@ -597,6 +509,33 @@ impl StateMachine {
             let _ = self.changes.send(g.name);
         }
         Ok(())
+    }
+}
+
+/// One group's refs in the tree, as the rule reads them.
+struct SledRefs<'a> {
+    tree: &'a sled::Tree,
+    group: &'a str,
+}
+
+impl RefView for SledRefs<'_> {
+    fn value(&self, name: &str) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .tree
+            .get(key(REF, self.group, name.as_bytes()))?
+            .map(|b| decode_ref(&b).value))
+    }
+
+    fn child(&self, dir: &str, skip: &BTreeSet<String>) -> anyhow::Result<Option<String>> {
+        let prefix_len = group_prefix(REF, self.group).len();
+        for kv in self.tree.scan_prefix(key(REF, self.group, dir.as_bytes())) {
+            let (k, _) = kv?;
+            let child = String::from_utf8_lossy(&k[prefix_len..]).into_owned();
+            if !skip.contains(&child) {
+                return Ok(Some(child));
+            }
+        }
+        Ok(None)
     }
 }
 

@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+/// Real etcd servers, for compatibility mode.
+pub mod etcd;
 /// Bare replicas, work repositories and pushes (written alongside this file).
 pub mod git;
 /// Faults on purpose: killing and pausing nodes, with seeded randomness.
@@ -27,10 +29,69 @@ use std::io::{Read, Seek, SeekFrom};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proxy::Proxy;
+
+/// Where a cluster's nodes keep the consensus.
+#[derive(Clone)]
+pub enum Backend {
+    /// The embedded Raft among the nodes (`--peers`).
+    Raft,
+    /// An etcd cluster (`--etcd`); each piehole cluster on it has its own
+    /// key prefix.
+    Etcd(Arc<Mutex<etcd::Etcd>>),
+}
+
+impl Backend {
+    /// A fresh one-member etcd 3.5.
+    pub fn etcd() -> Backend {
+        Backend::etcd_cluster(1, etcd::Version::V3_5)
+    }
+
+    /// A fresh etcd of `members` members of `version`.
+    pub fn etcd_cluster(members: usize, version: etcd::Version) -> Backend {
+        Backend::Etcd(Arc::new(Mutex::new(etcd::Etcd::start(members, version))))
+    }
+
+    pub fn is_etcd(&self) -> bool {
+        matches!(self, Backend::Etcd(_))
+    }
+
+    /// The etcd behind the cluster; panics in Raft mode.
+    pub fn etcd_server(&self) -> std::sync::MutexGuard<'_, etcd::Etcd> {
+        match self {
+            Backend::Etcd(e) => e.lock().unwrap_or_else(|e| e.into_inner()),
+            Backend::Raft => panic!("this cluster runs the embedded Raft, not etcd"),
+        }
+    }
+}
+
+/// Runs each named test `fn name(backend: Backend)` once per backend: as
+/// `raft::name` on the embedded Raft and `etcd::name` on a real etcd. The
+/// same code, with the backend as its parameter.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod raft {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(super::harness::Backend::Raft)
+                }
+            )*
+        }
+        mod etcd {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(super::harness::Backend::etcd())
+                }
+            )*
+        }
+    };
+}
 
 /// All zeros: git's (and `piehole ref cas`'s) "absent".
 pub const ZERO: &str = "0000000000000000000000000000000000000000";
@@ -323,6 +384,12 @@ pub struct Cluster {
     links: BTreeMap<(u64, u64), Proxy>,
     /// The nodes cut off by [`Cluster::isolate`] and not healed yet.
     isolated: BTreeSet<u64>,
+    pub backend: Backend,
+    /// In etcd mode, the key prefix of this cluster's keys.
+    pub etcd_prefix: String,
+    /// In etcd mode, the `--etcd` of a node that reaches etcd some other
+    /// way (through a proxy), from its next (re)start on.
+    pub etcd_via: BTreeMap<u64, String>,
 }
 
 impl Cluster {
@@ -334,8 +401,14 @@ impl Cluster {
     /// Like [`Cluster::start`], with `extra_args` passed to every `piehole
     /// node` (a `--request-timeout-ms` among them replaces the default 5000).
     pub fn start_with(n: usize, extra_args: &[&str]) -> Cluster {
-        let c = Cluster::launch(n, extra_args);
-        c.wait_leader();
+        Cluster::start_on(&Backend::Raft, n, extra_args)
+    }
+
+    /// Like [`Cluster::start_with`], on `backend`; returns once every node
+    /// is ready (a leader agreed on, or every node registered in etcd).
+    pub fn start_on(backend: &Backend, n: usize, extra_args: &[&str]) -> Cluster {
+        let c = Cluster::launch_inner(backend, n, extra_args, &|_| Vec::new(), false);
+        c.wait_ready();
         c
     }
 
@@ -352,19 +425,20 @@ impl Cluster {
         extra_args: &[&str],
         per_node: &dyn Fn(u64) -> Vec<String>,
     ) -> Cluster {
-        Cluster::launch_inner(n, extra_args, per_node, false)
+        Cluster::launch_inner(&Backend::Raft, n, extra_args, per_node, false)
     }
 
     /// Like [`Cluster::start_with`], but every directed link i -> j runs
     /// through its own [`Proxy`], so that [`Cluster::isolate`] can cut a
     /// node off the network while its process keeps running.
     pub fn start_partitionable(n: usize, extra_args: &[&str]) -> Cluster {
-        let c = Cluster::launch_inner(n, extra_args, &|_| Vec::new(), true);
+        let c = Cluster::launch_inner(&Backend::Raft, n, extra_args, &|_| Vec::new(), true);
         c.wait_leader();
         c
     }
 
     fn launch_inner(
+        backend: &Backend,
         n: usize,
         extra_args: &[&str],
         per_node: &dyn Fn(u64) -> Vec<String>,
@@ -402,6 +476,9 @@ impl Cluster {
                 node_args: (1..=n as u64).map(|id| (id, per_node(id))).collect(),
                 links,
                 isolated: BTreeSet::new(),
+                backend: backend.clone(),
+                etcd_prefix: format!("/piehole-{}/", free_port()),
+                etcd_via: BTreeMap::new(),
             };
             for id in 1..=n as u64 {
                 c.spawn(id);
@@ -447,9 +524,22 @@ impl Cluster {
             n.data_dir.display().to_string(),
             "--listen".into(),
             n.addr.clone(),
-            "--peers".into(),
-            self.peers_arg(id),
         ];
+        match &self.backend {
+            Backend::Raft => args.extend(["--peers".into(), self.peers_arg(id)]),
+            Backend::Etcd(e) => {
+                let endpoints = match self.etcd_via.get(&id) {
+                    Some(via) => via.clone(),
+                    None => e.lock().unwrap_or_else(|e| e.into_inner()).endpoints(),
+                };
+                args.extend([
+                    "--etcd".into(),
+                    endpoints,
+                    "--etcd-prefix".into(),
+                    self.etcd_prefix.clone(),
+                ]);
+            }
+        }
         args.extend(self.extra_args.iter().cloned());
         args.extend(self.node_args.get(&id).into_iter().flatten().cloned());
         args
@@ -570,6 +660,35 @@ impl Cluster {
         );
         serde_json::from_slice(&o.stdout)
             .unwrap_or_else(|e| panic!("status of node {id} is not JSON ({e}): {}", show(&o)))
+    }
+
+    /// Until the running nodes can take pushes: they agree on a leader
+    /// (Raft), or each sees every running node registered and alive (etcd).
+    pub fn wait_ready(&self) {
+        if !self.backend.is_etcd() {
+            self.wait_leader();
+            return;
+        }
+        let running = self.running_ids();
+        poll_until(
+            &format!("nodes {running:?} see each other alive in etcd"),
+            Duration::from_secs(20),
+            || {
+                for &id in &running {
+                    let st = self.try_status(id)?;
+                    let alive: BTreeSet<u64> = st["members"]
+                        .as_array()?
+                        .iter()
+                        .filter(|m| m["reachable"].as_bool() == Some(true))
+                        .filter_map(|m| m["id"].as_u64())
+                        .collect();
+                    if !running.iter().all(|r| alive.contains(r)) {
+                        return None;
+                    }
+                }
+                Some(())
+            },
+        )
     }
 
     /// Polls (20 s) until every running node names the same non-null leader.

@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node (one per host): consensus member, peer API, local API, replicator.
-    Node(node::Args),
+    Node(Box<node::Args>),
     /// Install piehole's hooks into the bare repository in the current directory and register it.
     Install(install::Args),
     /// Check this bare repository's piehole setup; exit 0 only if all is well.
@@ -48,7 +48,7 @@ enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Node(a) => node::run(a),
+        Command::Node(a) => node::run(*a),
         Command::Install(a) => block_on(install::run(a)),
         Command::Check(a) => block_on(check::run(a)),
         Command::Clobber(a) => block_on(clobber::run(a)),

@@ -6,7 +6,8 @@ use piehole_node::config::{parse_peers, NodeSettings};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// This node's id (a positive integer, one of --peers).
+    /// This node's id (a positive integer, one of --peers; unique among
+    /// the nodes sharing an etcd prefix).
     #[arg(long)]
     id: Option<u64>,
     /// Where the node keeps its log, state and socket.
@@ -21,6 +22,25 @@ pub struct Args {
     /// Compatibility mode: etcd v3 endpoints instead of the embedded Raft.
     #[arg(long, value_delimiter = ',')]
     etcd: Option<Vec<String>>,
+    /// Key prefix of piehole's keys in etcd [default: /piehole/].
+    #[arg(long)]
+    etcd_prefix: Option<String>,
+    /// File holding the etcd user and password as USER:PASSWORD.
+    #[arg(long)]
+    etcd_auth_file: Option<PathBuf>,
+    /// CA certificate (PEM) that etcd's server certificates are signed by.
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd; needs --etcd-key.
+    #[arg(long)]
+    etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for etcd.
+    #[arg(long)]
+    etcd_key: Option<PathBuf>,
+    /// In etcd mode, the peer address other nodes reach this one at
+    /// [default: --listen].
+    #[arg(long)]
+    advertise: Option<String>,
     /// File holding the cluster secret (else PIEHOLE_CLUSTER_SECRET).
     #[arg(long)]
     cluster_secret_file: Option<PathBuf>,
@@ -66,6 +86,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         reconcile_interval_ms: a.reconcile_interval_ms,
         durability: a.durability,
         etcd: a.etcd,
+        etcd_prefix: a.etcd_prefix,
+        etcd_auth_file: a.etcd_auth_file,
+        etcd_ca: a.etcd_ca,
+        etcd_cert: a.etcd_cert,
+        etcd_key: a.etcd_key,
+        advertise: a.advertise,
     };
     let env_secret = std::env::var("PIEHOLE_CLUSTER_SECRET")
         .ok()

@@ -33,6 +33,7 @@ fn to_json(s: &pb::StatusReply) -> serde_json::Value {
     json!({
         "node_id": s.node_id,
         "backend": s.backend,
+        "store": s.store,
         "leader_id": if s.leader_id == 0 { serde_json::Value::Null } else { json!(s.leader_id) },
         "term": s.term,
         "commit_index": s.commit_index,
@@ -64,14 +65,21 @@ fn print_text(s: &pb::StatusReply) {
     } else {
         s.leader_id.to_string()
     };
-    println!(
-        "node {} ({}, durability {}): leader {leader}, term {}",
-        s.node_id, s.backend, s.durability, s.term
-    );
-    println!(
-        "log: commit {}, applied {}, first {}, snapshot {}",
-        s.commit_index, s.applied_index, s.first_log_index, s.snapshot_index
-    );
+    if s.store.is_empty() {
+        println!(
+            "node {} ({}, durability {}): leader {leader}, term {}",
+            s.node_id, s.backend, s.durability, s.term
+        );
+        println!(
+            "log: commit {}, applied {}, first {}, snapshot {}",
+            s.commit_index, s.applied_index, s.first_log_index, s.snapshot_index
+        );
+    } else {
+        println!(
+            "node {} ({}, durability {}): {}",
+            s.node_id, s.backend, s.durability, s.store
+        );
+    }
     println!("{} groups, {} consensus refs", s.groups, s.refs);
     println!("members:");
     for m in &s.members {

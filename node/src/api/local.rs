@@ -28,7 +28,6 @@ pub struct LocalService {
     pub consensus: Arc<dyn Consensus>,
     pub replicator: Arc<Replicator>,
     pub pushes: Arc<Pushes>,
-    pub peers: BTreeMap<u64, String>,
     pub auth: PeerAuth,
     pub request_timeout: Duration,
     pub durability: Durability,
@@ -166,7 +165,7 @@ impl Local for LocalService {
         let (groups, refs) = self.consensus.counts();
         let (mut lag, mut lag_omitted) = self.replicator.lag();
         if req.into_inner().include_peers {
-            for (&id, addr) in &self.peers {
+            for (&id, addr) in &self.consensus.peers() {
                 if id == s.node_id {
                     continue;
                 }
@@ -203,6 +202,7 @@ impl Local for LocalService {
             refs,
             lag,
             backend: s.backend.to_string(),
+            store: s.store,
             request_timeout_ms: self.request_timeout.as_millis() as u64,
             durability: self.durability.to_string(),
             lag_omitted,

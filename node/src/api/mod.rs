@@ -9,10 +9,11 @@ use piehole_protocol::validate::InvalidInput;
 
 pub(crate) fn consensus_status(e: ConsensusError) -> tonic::Status {
     match e {
-        ConsensusError::NoQuorum | ConsensusError::LostQuorum | ConsensusError::ShuttingDown => {
-            tonic::Status::unavailable(e.to_string())
-        }
-        ConsensusError::TimedOut | ConsensusError::OutOfTime => {
+        ConsensusError::NoQuorum
+        | ConsensusError::LostQuorum
+        | ConsensusError::ShuttingDown
+        | ConsensusError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
+        ConsensusError::TimedOut | ConsensusError::OutOfTime | ConsensusError::Uncertain(_) => {
             tonic::Status::deadline_exceeded(e.to_string())
         }
         ConsensusError::Refused(_) => tonic::Status::failed_precondition(e.to_string()),

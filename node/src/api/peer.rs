@@ -2,7 +2,6 @@
 //! Every call must carry the cluster secret (when one is set) and come from
 //! a known member; anything else is refused and logged.
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::{mpsc, Arc};
 
@@ -16,10 +15,12 @@ use tonic::{Request, Response, Status};
 
 use super::invalid;
 use crate::consensus::raft::DriverMsg;
+use crate::consensus::Consensus;
 use crate::replicator::Replicator;
 
 pub struct PeerService {
-    pub inbox: mpsc::Sender<DriverMsg>,
+    /// Where raft messages go; None when etcd holds the consensus.
+    pub inbox: Option<mpsc::Sender<DriverMsg>>,
     pub replicator: Arc<Replicator>,
     pub self_id: u64,
 }
@@ -28,7 +29,7 @@ pub struct PeerService {
 #[derive(Clone)]
 pub struct PeerGate {
     pub secret: Option<Arc<str>>,
-    pub members: Arc<BTreeMap<u64, String>>,
+    pub consensus: Arc<dyn Consensus>,
 }
 
 impl tonic::service::Interceptor for PeerGate {
@@ -39,7 +40,7 @@ impl tonic::service::Interceptor for PeerGate {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let remote = req.remote_addr();
-        let Some(from) = from.filter(|f| self.members.contains_key(f)) else {
+        let Some(from) = from.filter(|f| self.consensus.peers().contains_key(f)) else {
             tracing::warn!(?remote, "peer call from an unknown node refused");
             return Err(Status::permission_denied("unknown peer"));
         };
@@ -76,6 +77,11 @@ impl Peer for PeerService {
             .get(FROM_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let Some(inbox) = &self.inbox else {
+            return Err(Status::failed_precondition(
+                "this node keeps its consensus in etcd, not in the embedded Raft",
+            ));
+        };
         let batch = req.into_inner();
         if caller != Some(batch.from) {
             return Err(Status::invalid_argument(
@@ -101,7 +107,7 @@ impl Peer for PeerService {
             msgs.push(m);
         }
         if !msgs.is_empty() {
-            self.inbox
+            inbox
                 .send(DriverMsg::Raft(msgs))
                 .map_err(|_| Status::unavailable("node is shutting down"))?;
         }

@@ -6,6 +6,7 @@
 //! answering (linearizable); `group(.., linearizable: false)` answers from
 //! local state, which is what a minority partition can still serve.
 
+pub mod etcd;
 pub mod raft;
 
 use std::collections::BTreeMap;
@@ -38,6 +39,13 @@ pub enum ConsensusError {
     /// Nothing was proposed: the caller's deadline left no time for it.
     #[error("no time was left to decide this before its deadline; nothing was changed")]
     OutOfTime,
+    /// The backend's store could not be reached, or refused for want of a
+    /// leader, before anything was written. The text names the store.
+    #[error("{0}; nothing was changed")]
+    Unavailable(String),
+    /// Sent to the backend's store, no answer: it may have been written.
+    #[error("{0}; the update may still take effect")]
+    Uncertain(String),
     #[error("{0}")]
     Refused(String),
     #[error("the piehole node is shutting down")]
@@ -72,6 +80,8 @@ pub struct ClusterStatus {
     pub snapshot_index: u64,
     pub snapshots_installed: u64,
     pub members: Vec<MemberStatus>,
+    /// etcd mode: the store, this node's revision, or why it is unreachable.
+    pub store: String,
 }
 
 #[async_trait]
@@ -132,6 +142,10 @@ pub trait Consensus: Send + Sync + 'static {
     /// A group as this node's applied state has it now (no round trip);
     /// refs and replicas as of one applied index.
     fn local_group(&self, group: &str) -> Result<GroupView, ConsensusError>;
+
+    /// Every piehole node this one knows of, itself included: id -> peer
+    /// API address. Fixed flags in Raft mode, registrations in etcd mode.
+    fn peers(&self) -> BTreeMap<u64, String>;
 
     /// Groups known to this node's applied state.
     fn groups(&self) -> Vec<String>;

@@ -356,6 +356,10 @@ impl Consensus for RaftConsensus {
             .map_err(|e| ConsensusError::Refused(format!("reading state: {e}")))
     }
 
+    fn peers(&self) -> BTreeMap<u64, String> {
+        self.peers.clone()
+    }
+
     fn groups(&self) -> Vec<String> {
         self.state.groups()
     }
@@ -403,6 +407,7 @@ impl Consensus for RaftConsensus {
                     reachable: id == self.id || self.health.reachable(id),
                 })
                 .collect(),
+            store: String::new(),
         }
     }
 }

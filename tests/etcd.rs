@@ -1,0 +1,356 @@
+//! Compatibility mode against a real etcd: what etcd itself can do to the
+//! nodes (lose a member, restart, cut one node off, compact its history,
+//! refuse a password) and the limits of a stock etcd. The update rule and
+//! the failure scenarios run in etcd mode too, from their own files (see
+//! `on_both_backends!`).
+
+#[path = "harness/mod.rs"]
+mod harness;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness::etcd::Version;
+use harness::git::{self, Work};
+use harness::proxy::Proxy;
+use harness::{Backend, Cluster};
+
+const GROUP: &str = "proj";
+const MAIN: &str = "refs/heads/main";
+
+fn cluster(backend: &Backend, n: usize) -> Cluster {
+    Cluster::start_on(
+        backend,
+        n,
+        &[
+            "--reconcile-interval-ms",
+            "1000",
+            "--request-timeout-ms",
+            &harness::SHORT_REQUEST_TIMEOUT_MS.to_string(),
+        ],
+    )
+}
+
+/// A pusher on replica 1 that commits and pushes until told to stop;
+/// returns every commit whose push was acknowledged, and how many pushes
+/// failed.
+fn push_until(user: Work, target: PathBuf, stop: Arc<AtomicBool>) -> (Vec<String>, usize) {
+    let mut acked = Vec::new();
+    let mut failed = 0;
+    let mut i = 0;
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
+        let c = user.commit(&format!("push {i}"));
+        let out = user.push(&target, &["main"]);
+        if out.status.success() {
+            acked.push(c);
+        } else {
+            failed += 1;
+            // After a failure the replica may hold a newer value than we
+            // know of (an "may still take effect" that did): follow it.
+            let _ = user.fetch(&target);
+            let _ = user.git(&["reset", "--quiet", "--hard", "refs/remotes/r/main"]);
+        }
+    }
+    (acked, failed)
+}
+
+/// Every acknowledged commit is in `tip`'s history.
+fn assert_none_lost(repo: &std::path::Path, acked: &[String], tip: &str) {
+    for c in acked {
+        let out = git::git(repo, &["merge-base", "--is-ancestor", c, tip]);
+        assert!(
+            out.status.success(),
+            "acknowledged commit {c} is not in the final main {tip}"
+        );
+    }
+}
+
+/// SPEC §6: etcd's own fault tolerance carries piehole. One member of three
+/// SIGKILLed (etcd 3.4 here, so both versions take pushes): pushes go on.
+#[test]
+fn one_etcd_member_of_three_killed_pushes_go_on() {
+    let backend = Backend::etcd_cluster(3, Version::V3_4);
+    let c = cluster(&backend, 3);
+    let reps = git::replicas(&c, GROUP);
+    let user = Work::new(&c, "alice");
+    let first = user.commit("before");
+    user.push_ok(&reps[0], &["main"]);
+    git::wait_converged(&c, &reps, MAIN, Some(&first));
+
+    backend.etcd_server().kill(0);
+    for (i, rep) in reps.iter().enumerate() {
+        let out = user.fetch(rep);
+        git::assert_ok(&out, "fetch");
+        user.git_ok(&["reset", "--quiet", "--hard", "refs/remotes/r/main"]);
+        let next = user.commit(&format!("with one etcd member down, via replica {}", i + 1));
+        user.push_ok(rep, &["main"]);
+        git::wait_converged(&c, &reps, MAIN, Some(&next));
+    }
+    for r in &reps {
+        git::fsck(r);
+    }
+}
+
+/// etcd restarted while a user pushes: pushes fail while it is away (with
+/// a message naming etcd), none acknowledged is lost, and everything
+/// converges once it is back.
+#[test]
+fn etcd_restarted_during_pushes_loses_no_acknowledged_push() {
+    let backend = Backend::etcd();
+    let c = cluster(&backend, 3);
+    let reps = git::replicas(&c, GROUP);
+    let user = Work::new(&c, "alice");
+    user.commit("first");
+    user.push_ok(&reps[0], &["main"]);
+
+    // One push while etcd is down: refused, naming etcd, within the bound.
+    backend.etcd_server().kill(0);
+    let c_down = user.commit("while etcd is down");
+    let started = Instant::now();
+    let out = user.push(&reps[0], &["main"]);
+    let took = started.elapsed();
+    assert!(!out.status.success(), "{}", harness::show(&out));
+    let err = harness::stderr(&out);
+    assert!(err.contains("etcd"), "the refusal must name etcd:\n{err}");
+    assert!(
+        took < harness::REFUSAL_BOUND,
+        "the refusal took {took:?}, beyond {:?}",
+        harness::REFUSAL_BOUND
+    );
+    let _ = c_down;
+    user.git_ok(&["reset", "--quiet", "--hard", "HEAD~1"]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let pusher = {
+        let (stop, target) = (stop.clone(), reps[0].clone());
+        std::thread::spawn(move || push_until(user, target, stop))
+    };
+    // The pusher runs into the outage, then etcd comes back under it.
+    backend.etcd_server().restart(0);
+    backend.etcd_server().wait_healthy();
+    let before = git::rev_parse_ref(&reps[0], MAIN);
+    harness::poll_until(
+        "pushes to be acknowledged again after etcd came back",
+        Duration::from_secs(30),
+        || (git::rev_parse_ref(&reps[0], MAIN) != before).then_some(()),
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (acked, failed) = pusher.join().expect("pusher");
+    eprintln!("{} pushes acknowledged, {failed} failed", acked.len());
+    assert!(
+        !acked.is_empty(),
+        "no push was acknowledged after etcd came back"
+    );
+    let tip = git::consensus(&c, 1, GROUP)[MAIN].clone();
+    git::wait_converged(&c, &reps, MAIN, Some(&tip));
+    assert_none_lost(&reps[1], &acked, &tip);
+    for r in &reps {
+        git::fsck(r);
+    }
+}
+
+/// A node whose link to etcd is black-holed (a proxy drops every byte and
+/// leaves connections open) misses pushes made elsewhere; `compact`, when
+/// set, also compacts etcd past everything it saw. Once the link is back it
+/// catches up: from its watch's revision, or by loading everything again.
+fn cut_off_node_catches_up(compact: bool) {
+    let backend = Backend::etcd();
+    let proxy = Proxy::start(backend.etcd_server().client_addr(0));
+    let mut c = cluster(&backend, 3);
+    c.kill(3);
+    c.etcd_via.insert(3, format!("http://{}", proxy.addr()));
+    c.restart(3);
+    c.wait_ready();
+    let reps = git::replicas(&c, GROUP);
+    let user = Work::new(&c, "alice");
+    let first = user.commit("first");
+    user.push_ok(&reps[0], &["main"]);
+    git::wait_converged(&c, &reps, MAIN, Some(&first));
+
+    proxy.blackhole(true);
+    let mut last = first.clone();
+    for i in 0..3 {
+        last = user.commit(&format!("while node 3 cannot see etcd ({i})"));
+        user.push_ok(&reps[0], &["main"]);
+    }
+    git::wait_converged(&c, &reps[..2], MAIN, Some(&last));
+    assert_eq!(
+        git::rev_parse_ref(&reps[2], MAIN).as_deref(),
+        Some(first.as_str()),
+        "replica 3 moved while its node could not see etcd"
+    );
+    if compact {
+        let etcd = backend.etcd_server();
+        let rev = etcd.revision().to_string();
+        let out = etcd.ctl(&["compact", &rev, "--physical"]);
+        assert!(out.status.success(), "etcdctl compact: {out:?}");
+    }
+    let healed = Instant::now();
+    proxy.blackhole(false);
+    git::wait_converged(&c, &reps, MAIN, Some(&last));
+    eprintln!(
+        "replica 3 caught up {:?} after its link to etcd came back",
+        healed.elapsed()
+    );
+    if compact {
+        assert!(
+            c.log(3)
+                .contains("etcd compacted past this node's revision"),
+            "node 3 caught up, but not through a full reload:\n{}",
+            c.log(3)
+        );
+    }
+    // It takes pushes again.
+    let after = user.commit("after the heal");
+    user.push_ok(&reps[2], &["main"]);
+    git::wait_converged(&c, &reps, MAIN, Some(&after));
+}
+
+#[test]
+fn a_node_cut_off_from_etcd_catches_up_when_it_reconnects() {
+    cut_off_node_catches_up(false);
+}
+
+#[test]
+fn a_node_whose_revision_was_compacted_away_loads_everything_again() {
+    cut_off_node_catches_up(true);
+}
+
+/// A stock etcd allows 128 operations per transaction and 1.5 MiB per
+/// request. An atomic push of 10,000 tags and a clobber of a 10,000-ref
+/// group go through anyway, whole.
+#[test]
+fn ten_thousand_refs_atomic_push_and_clobber_against_default_limits() {
+    const TAGS: usize = 10_000;
+    let backend = Backend::etcd();
+    // No reconcile pass may restore the tags dropped below before clobber.
+    let c = Cluster::start_on(
+        &backend,
+        1,
+        &[
+            "--request-timeout-ms",
+            "20000",
+            "--reconcile-interval-ms",
+            "600000",
+        ],
+    );
+    let reps = git::replicas(&c, GROUP);
+    let user = Work::new(&c, "alice");
+    let tagged = user.commit("tagged");
+    user.push_ok(&reps[0], &["main"]);
+    let mut stream = String::new();
+    for i in 0..TAGS {
+        stream.push_str(&format!("reset refs/tags/t{i:05}\nfrom {tagged}\n\n"));
+    }
+    stream.push_str("done\n");
+    user.fast_import(stream.as_bytes());
+
+    let started = Instant::now();
+    let out = user.git(&["push", "--atomic", reps[0].to_str().unwrap(), "--tags"]);
+    git::assert_ok(&out, "git push --atomic --tags");
+    eprintln!("atomic push of {TAGS} tags took {:?}", started.elapsed());
+    let consensus = git::consensus(&c, 1, GROUP);
+    assert_eq!(consensus.len(), TAGS + 1, "tags and main in the consensus");
+    let keys = backend.etcd_server().count(&c.etcd_prefix);
+    assert!(
+        keys >= (TAGS + 1) as u64,
+        "{keys} keys under {}",
+        c.etcd_prefix
+    );
+    // The node moves the replica's refs for a while after acknowledging.
+    git::wait_all_refs(&c, &reps, &consensus);
+
+    // Clobber from the replica after dropping every odd tag there.
+    let mut drop = String::new();
+    for i in (1..TAGS).step_by(2) {
+        drop.push_str(&format!("delete refs/tags/t{i:05}\n"));
+    }
+    let mut cmd = git::git_cmd(&reps[0], &["update-ref", "--stdin"]);
+    let out = harness_stdin(&mut cmd, drop.as_bytes());
+    git::assert_ok(&out, "git update-ref --stdin");
+    let started = Instant::now();
+    let out = git::piehole_in(&reps[0], &["clobber", "--prune"]);
+    git::assert_ok(&out, "piehole clobber --prune");
+
+    eprintln!(
+        "clobber to {} refs took {:?}",
+        TAGS / 2 + 1,
+        started.elapsed()
+    );
+    let consensus = git::consensus(&c, 1, GROUP);
+    assert_eq!(consensus.len(), TAGS / 2 + 1, "even tags and main remain");
+    assert!(consensus.contains_key("refs/tags/t00000"));
+    assert!(!consensus.contains_key("refs/tags/t00001"));
+}
+
+fn harness_stdin(cmd: &mut Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write stdin");
+    child.wait_with_output().expect("wait")
+}
+
+/// etcd with authentication on: a node with the wrong password stops at
+/// once with one clear line; with the right one it works.
+#[test]
+fn a_wrong_etcd_password_stops_the_node_the_right_one_works() {
+    let backend = Backend::etcd();
+    {
+        let etcd = backend.etcd_server();
+        for args in [
+            &["user", "add", "root:s3cret-root"][..],
+            &["user", "grant-role", "root", "root"][..],
+            &["auth", "enable"][..],
+        ] {
+            let out = etcd.ctl(args);
+            assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wrong = dir.path().join("wrong");
+    let right = dir.path().join("right");
+    std::fs::write(&wrong, "root:not-the-password\n").unwrap();
+    std::fs::write(&right, "root:s3cret-root\n").unwrap();
+
+    let mut cmd = Command::new(harness::piehole());
+    cmd.args([
+        "node",
+        "--id",
+        "1",
+        "--data-dir",
+        dir.path().join("node").to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{}", harness::free_port()),
+        "--etcd",
+        &backend.etcd_server().endpoints(),
+        "--etcd-auth-file",
+        wrong.to_str().unwrap(),
+    ]);
+    let out = harness::run_expect_exit(cmd, Duration::from_secs(20));
+    let line = harness::assert_one_line_error(&out, 1);
+    assert!(
+        line.contains("etcd") && line.contains("authentication failed"),
+        "{line}"
+    );
+
+    let c = Cluster::start_on(&backend, 2, &["--etcd-auth-file", right.to_str().unwrap()]);
+    let reps = git::replicas(&c, GROUP);
+    let user = Work::new(&c, "alice");
+    let tip = user.commit("with auth");
+    user.push_ok(&reps[0], &["main"]);
+    git::wait_converged(&c, &reps, MAIN, Some(&tip));
+}
