@@ -354,3 +354,91 @@ fn a_wrong_etcd_password_stops_the_node_the_right_one_works() {
     user.push_ok(&reps[0], &["main"]);
     git::wait_converged(&c, &reps, MAIN, Some(&tip));
 }
+
+/// Restarts every node of `c` with `args` as its own extra arguments, on
+/// `backend`; returns once they are ready.
+fn restart_all(c: &mut Cluster, backend: &Backend, args: &[&str]) {
+    for id in c.ids() {
+        c.kill(id);
+    }
+    c.backend = backend.clone();
+    for id in c.ids() {
+        c.set_node_args(id, args);
+        c.restart(id);
+    }
+    c.wait_ready();
+}
+
+/// `piehole consensus export` from node 1, into a file; returns its path.
+fn export(c: &Cluster, name: &str) -> PathBuf {
+    let sock = c.socket(1);
+    let out = c.run(&["consensus", "export", "--node", sock.to_str().unwrap()]);
+    git::assert_ok(&out, "piehole consensus export");
+    let file = c.dir.path().join(name);
+    std::fs::write(&file, &out.stdout).expect("write the export");
+    file
+}
+
+fn import(c: &Cluster, file: &std::path::Path) {
+    let sock = c.socket(1);
+    let out = c.run(&[
+        "consensus",
+        "import",
+        file.to_str().unwrap(),
+        "--node",
+        sock.to_str().unwrap(),
+    ]);
+    git::assert_ok(&out, "piehole consensus import");
+}
+
+/// SPEC §6 (moving between modes): embedded Raft to etcd and back, as the
+/// README says: restart the nodes `--paused`, export, restart them on the
+/// other backend (fresh) still paused, import, restart them unpaused. No
+/// replica changes on the way, and pushes work at each end.
+#[test]
+fn moving_from_raft_to_etcd_and_back_changes_no_replica() {
+    let etcd = Backend::etcd();
+    let mut c = Cluster::start_on(&Backend::Raft, 3, &["--reconcile-interval-ms", "1000"]);
+    let reps = git::replicas(&c, GROUP);
+    let user = Work::new(&c, "alice");
+    user.commit("on raft");
+    user.git_ok(&["tag", "v1"]);
+    user.push_ok(&reps[0], &["main", "v1"]);
+    let tip = user.head();
+    git::wait_converged(&c, &reps, MAIN, Some(&tip));
+    let snapshot =
+        |reps: &[PathBuf]| -> Vec<_> { reps.iter().map(|r| git::replicated_refs(r)).collect() };
+
+    for (to, name) in [
+        (etcd.clone(), "to-etcd.json"),
+        (Backend::Raft, "to-raft.json"),
+    ] {
+        let before = snapshot(&reps);
+        let from = c.backend.clone();
+        restart_all(&mut c, &from, &["--paused"]);
+        let paused = user.commit("while paused");
+        let out = user.push(&reps[1], &["main"]);
+        git::assert_failed_with(&out, "a push to a paused node", "pushes are paused");
+        user.git_ok(&["reset", "--quiet", "--hard", "HEAD~1"]);
+        let _ = paused;
+
+        let file = export(&c, name);
+        if !to.is_etcd() {
+            // The embedded Raft starts over from empty data dirs.
+            for id in c.ids() {
+                c.kill(id);
+                let db = c.node(id).data_dir.join("db");
+                std::fs::remove_dir_all(&db).expect("remove the old Raft state");
+            }
+        }
+        restart_all(&mut c, &to, &["--paused"]);
+        import(&c, &file);
+        let expected = &before[0];
+        assert_eq!(&git::consensus(&c, 2, GROUP), expected, "after the import");
+        restart_all(&mut c, &to, &[]);
+        assert_eq!(snapshot(&reps), before, "a replica changed on the way");
+        let next = user.commit(&format!("after moving to {name}"));
+        user.push_ok(&reps[2], &["main"]);
+        git::wait_converged(&c, &reps, MAIN, Some(&next));
+    }
+}

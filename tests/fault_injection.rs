@@ -59,7 +59,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use harness::git::{self, Work};
 use harness::nemesis::{Fault, Nemesis, Rng};
 use harness::sampler::{History, RefSampler};
-use harness::{poll, Cluster};
+use harness::{poll, Backend, Cluster};
 
 const GROUP: &str = "proj";
 /// The branches every pusher pushes to.
@@ -87,13 +87,14 @@ const GAP_MIN: Duration = Duration::from_millis(300);
 const GAP_MAX: Duration = Duration::from_millis(2000);
 
 /// See the module documentation: the scenario once per seed.
-#[test]
-fn pushers_under_kills_and_pauses_lose_no_ack_never_step_back_and_converge_after_heal() {
+fn pushers_under_kills_and_pauses_lose_no_ack_never_step_back_and_converge_after_heal(
+    backend: Backend,
+) {
     let span = fault_seconds();
     let seeds = fault_seeds();
     let mut failed = Vec::new();
     for &seed in &seeds {
-        if let Err(why) = run(seed, span) {
+        if let Err(why) = run(&backend, seed, span) {
             failed.push(format!("seed {seed}:\n{why}"));
         }
     }
@@ -168,7 +169,7 @@ struct Outcome {
 }
 
 /// The scenario for one seed; Err names every check that failed.
-fn run(seed: u64, span: Duration) -> Result<(), String> {
+fn run(backend: &Backend, seed: u64, span: Duration) -> Result<(), String> {
     eprintln!(
         "fault-injection: seed {seed}, {span:?} of faults \
          (replay: PIEHOLE_FAULT_SEEDS={seed} PIEHOLE_FAULT_SECONDS={})",
@@ -176,7 +177,8 @@ fn run(seed: u64, span: Duration) -> Result<(), String> {
     );
     let began = Instant::now();
     let mut rng = Rng::new(seed);
-    let mut c = Cluster::start_with(
+    let mut c = Cluster::start_on(
+        backend,
         3,
         &[
             "--request-timeout-ms",
@@ -478,7 +480,7 @@ fn push_bounded(work: &Work, err_path: &Path, args: &[&str]) -> (Option<ExitStat
 
 /// The kind of a failed push, from what git and the hook wrote.
 fn failure_kind(stderr: &str) -> &'static str {
-    let kinds: [(&str, &'static str); 10] = [
+    let kinds: [(&str, &'static str); 11] = [
         ("catching up", "catching-up"),
         ("lost its majority", "lost-quorum"),
         ("no quorum", "no-quorum"),
@@ -488,6 +490,8 @@ fn failure_kind(stderr: &str) -> &'static str {
         // The node went away in the middle of the hook's call (killed).
         ("went away during the push", "node-went-away"),
         ("shutting down", "shutting-down"),
+        // etcd refused or could not be reached (compatibility mode).
+        ("etcd at ", "etcd"),
         ("fetch first", "stale"),
         ("non-fast-forward", "stale"),
     ];
@@ -787,3 +791,7 @@ fn keep_logs(c: &Cluster, seed: u64) -> PathBuf {
     }
     dir
 }
+
+on_both_backends!(
+    pushers_under_kills_and_pauses_lose_no_ack_never_step_back_and_converge_after_heal
+);

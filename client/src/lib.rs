@@ -187,6 +187,23 @@ impl LocalClient {
         Ok(self.grpc.clobber(req).await?.into_inner())
     }
 
+    /// Every group's refs and replicas (linearizable).
+    pub async fn export_consensus(&mut self) -> Result<pb::ConsensusExport, ClientError> {
+        Ok(self
+            .grpc
+            .export_consensus(pb::ExportRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Writes an export into the node's (empty) consensus.
+    pub async fn import_consensus(
+        &mut self,
+        export: pb::ConsensusExport,
+    ) -> Result<pb::ImportReply, ClientError> {
+        Ok(self.grpc.import_consensus(export).await?.into_inner())
+    }
+
     /// One push's ref updates, decided by the node. Ids in piehole's form
     /// (40 hex, empty for absent).
     pub async fn hook_push(

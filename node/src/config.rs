@@ -30,6 +30,7 @@ pub struct NodeSettings {
     pub etcd_cert: Option<PathBuf>,
     pub etcd_key: Option<PathBuf>,
     pub advertise: Option<String>,
+    pub paused: Option<bool>,
 }
 
 /// Compatibility mode: where the consensus lives in etcd, and how to log in.
@@ -64,6 +65,8 @@ pub struct NodeConfig {
     pub durability: Durability,
     /// Some: the consensus is in etcd, and `peers` holds only this node.
     pub etcd: Option<EtcdConfig>,
+    /// Refuse every write but an import (moving between backends).
+    pub paused: bool,
 }
 
 impl NodeConfig {
@@ -104,6 +107,7 @@ impl NodeSettings {
             etcd_cert: over.etcd_cert.or(self.etcd_cert),
             etcd_key: over.etcd_key.or(self.etcd_key),
             advertise: over.advertise.or(self.advertise),
+            paused: over.paused.or(self.paused),
         }
     }
 
@@ -194,6 +198,7 @@ impl NodeSettings {
                 self.reconcile_interval_ms.unwrap_or(5_000).max(100),
             ),
             etcd,
+            paused: self.paused.unwrap_or(false),
         })
     }
 

@@ -106,6 +106,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         auth,
         request_timeout: config.request_timeout,
         durability: config.durability,
+        paused: config.paused,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

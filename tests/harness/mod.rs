@@ -623,6 +623,13 @@ impl Cluster {
         );
     }
 
+    /// Extra arguments for node `id` alone, from its next (re)start on
+    /// (replacing those it was given before).
+    pub fn set_node_args(&mut self, id: u64, args: &[&str]) {
+        self.node_args
+            .insert(id, args.iter().map(|a| a.to_string()).collect());
+    }
+
     /// Whether the harness has a live process for node `id`.
     pub fn is_running(&self, id: u64) -> bool {
         self.node(id).child.is_some() && self.is_running_now(id)

@@ -2,6 +2,7 @@
 
 mod check;
 mod clobber;
+mod consensus;
 mod demo;
 mod hook;
 mod install;
@@ -44,6 +45,8 @@ enum Command {
     Hook(hook::Args),
     /// Read or compare-and-swap consensus refs directly (operators, tests).
     Ref(refs::Args),
+    /// Export or import the whole consensus, to move between Raft and etcd.
+    Consensus(consensus::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -56,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(a) => demo::run(a),
         Command::Hook(a) => hook::run(a),
         Command::Ref(a) => block_on(refs::run(a)),
+        Command::Consensus(a) => block_on(consensus::run(a)),
     }
 }
 

@@ -58,6 +58,10 @@ pub struct Args {
     /// majority of nodes first) [default: local].
     #[arg(long)]
     durability: Option<String>,
+    /// Refuse every push and every write but `piehole consensus import`:
+    /// for moving the consensus between the embedded Raft and etcd.
+    #[arg(long)]
+    paused: bool,
     /// Read these settings from a TOML file (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -92,6 +96,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         etcd_cert: a.etcd_cert,
         etcd_key: a.etcd_key,
         advertise: a.advertise,
+        paused: a.paused.then_some(true),
     };
     let env_secret = std::env::var("PIEHOLE_CLUSTER_SECRET")
         .ok()

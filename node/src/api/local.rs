@@ -31,6 +31,21 @@ pub struct LocalService {
     pub auth: PeerAuth,
     pub request_timeout: Duration,
     pub durability: Durability,
+    /// Started with --paused: every write but an import is refused.
+    pub paused: bool,
+}
+
+/// What a paused node says to a write.
+const PAUSED: &str = "pushes are paused: this node was started with --paused \
+                      (to move the consensus between backends); nothing was changed";
+
+impl LocalService {
+    fn refuse_if_paused(&self) -> Result<(), Status> {
+        if self.paused {
+            return Err(Status::unavailable(PAUSED));
+        }
+        Ok(())
+    }
 }
 
 fn opt(id: &str) -> Option<String> {
@@ -210,6 +225,7 @@ impl Local for LocalService {
     }
 
     async fn cas(&self, req: Request<pb::CasRequest>) -> Result<Response<pb::CasReply>, Status> {
+        self.refuse_if_paused()?;
         let r = req.into_inner();
         check_ref(&r.group, &r.ref_name, &[&r.expected, &r.new])?;
         let out = self
@@ -262,6 +278,7 @@ impl Local for LocalService {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterReply>, Status> {
+        self.refuse_if_paused()?;
         let r = req.into_inner();
         validate::group_name(&r.group).map_err(invalid)?;
         let path = repo_path(&r.path)?;
@@ -335,6 +352,7 @@ impl Local for LocalService {
         &self,
         req: Request<pb::ClobberRequest>,
     ) -> Result<Response<pb::ClobberReply>, Status> {
+        self.refuse_if_paused()?;
         let r = req.into_inner();
         let path = repo_path(&r.repo_path)?;
         let group = self.replicator.group_at(&path).ok_or_else(|| {
@@ -406,6 +424,7 @@ impl Local for LocalService {
         &self,
         req: Request<pb::HookPushRequest>,
     ) -> Result<Response<pb::HookPushReply>, Status> {
+        self.refuse_if_paused()?;
         let r = req.into_inner();
         if r.updates.is_empty() || r.updates.len() > MAX_PUSH_REFS {
             return Err(Status::invalid_argument(format!(
@@ -469,6 +488,127 @@ impl Local for LocalService {
                     },
                 })
                 .collect(),
+        }))
+    }
+
+    async fn export_consensus(
+        &self,
+        _req: Request<pb::ExportRequest>,
+    ) -> Result<Response<pb::ConsensusExport>, Status> {
+        let groups = self.consensus.groups();
+        // One linearizable read brings this node's state up to now; with
+        // pushes paused nothing moves after it.
+        if let Some(first) = groups.first() {
+            self.consensus
+                .group(first, true)
+                .await
+                .map_err(consensus_status)?;
+        }
+        let mut out = pb::ConsensusExport::default();
+        for name in self.consensus.groups() {
+            let view = self
+                .consensus
+                .local_group(&name)
+                .map_err(consensus_status)?;
+            out.groups.push(pb::GroupState {
+                name,
+                version: view.version,
+                replicas: view
+                    .replicas
+                    .into_iter()
+                    .map(|(node_id, path)| pb::Replica { node_id, path })
+                    .collect(),
+                refs: view
+                    .refs
+                    .into_iter()
+                    .map(|(ref_name, v)| pb::ConsensusRef {
+                        ref_name,
+                        value: v.value,
+                        proposer: v.proposer,
+                    })
+                    .collect(),
+            });
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn import_consensus(
+        &self,
+        req: Request<pb::ConsensusExport>,
+    ) -> Result<Response<pb::ImportReply>, Status> {
+        let export = req.into_inner();
+        // Everything is checked before anything is written.
+        let mut seen = BTreeSet::new();
+        for g in &export.groups {
+            validate::group_name(&g.name).map_err(invalid)?;
+            if !seen.insert(g.name.clone()) {
+                return Err(Status::invalid_argument(format!(
+                    "group {} appears twice in the import",
+                    g.name
+                )));
+            }
+            for r in &g.refs {
+                check_ref(&g.name, &r.ref_name, &[&r.value])?;
+                if r.value.is_empty() {
+                    return Err(Status::invalid_argument(format!(
+                        "{} {} has no value",
+                        g.name, r.ref_name
+                    )));
+                }
+            }
+            for r in &g.replicas {
+                if r.node_id == 0 || !Path::new(&r.path).is_absolute() {
+                    return Err(Status::invalid_argument(format!(
+                        "group {}: replica {:?} on node {} is not an absolute path on a member",
+                        g.name, r.path, r.node_id
+                    )));
+                }
+            }
+        }
+        // Into an empty consensus only: merging two histories is clobber's
+        // job, not an import's.
+        if let Some(g) = self.consensus.groups().first() {
+            self.consensus
+                .group(g, true)
+                .await
+                .map_err(consensus_status)?;
+        }
+        if let Some(existing) = self.consensus.groups().first() {
+            return Err(Status::failed_precondition(format!(
+                "the consensus already holds group {existing}: import needs an empty one \
+                 (a fresh data dir for the embedded Raft, a fresh --etcd-prefix for etcd)"
+            )));
+        }
+        let mut refs = 0;
+        for g in &export.groups {
+            let view = self
+                .consensus
+                .group(&g.name, true)
+                .await
+                .map_err(consensus_status)?;
+            let values: BTreeMap<String, String> = g
+                .refs
+                .iter()
+                .map(|r| (r.ref_name.clone(), r.value.clone()))
+                .collect();
+            refs += values.len() as u64;
+            // Refs first: a replica registered before its group's refs
+            // would see an empty group and follow it.
+            self.consensus
+                .clobber(&g.name, values, view.version)
+                .await
+                .map_err(consensus_status)?;
+            for r in &g.replicas {
+                self.consensus
+                    .register(&g.name, r.node_id, &r.path)
+                    .await
+                    .map_err(consensus_status)?;
+            }
+        }
+        tracing::info!(groups = export.groups.len(), refs, "consensus imported");
+        Ok(Response::new(pb::ImportReply {
+            groups: export.groups.len() as u64,
+            refs,
         }))
     }
 
