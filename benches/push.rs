@@ -11,6 +11,8 @@
 //!   clock cannot start after they already have it;
 //! - `git push --tags` of 200 new tags, plain and into the cluster;
 //! - `git push` of one 8 MB commit, plain and into each cluster;
+//! - the small push again into a three-node cluster in etcd mode, against
+//!   a three-member etcd 3.5 on the same machine (`--durability local`);
 //! - one consensus CAS through the local API, and the proc-receive hook
 //!   alone (process start + one round trip).
 //!
@@ -29,7 +31,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use harness::git::{init_bare, replicas, Work};
-use harness::Cluster;
+use harness::{Backend, Cluster};
 
 const SAMPLES: usize = 31;
 const CAS_SAMPLES: usize = 500;
@@ -44,8 +46,15 @@ fn main() {
         3,
         &["--durability", "quorum", "--reconcile-interval-ms", "1000"],
     );
-    cas_latency(&local);
+    let etcd = Cluster::start_on(
+        &Backend::etcd_cluster(3, harness::etcd::Version::V3_5),
+        3,
+        &["--reconcile-interval-ms", "1000"],
+    );
+    cas_latency("embedded Raft", &local);
+    cas_latency("etcd (3 members)", &etcd);
     let local_reps = replicas(&local, "bench");
+    let etcd_reps = replicas(&etcd, "bench");
     let quorum_reps = replicas(&quorum, "bench");
     let plain = local.dir.path().join("plain.git");
     init_bare(&plain);
@@ -56,7 +65,13 @@ fn main() {
 
     let work = Work::new(&local, "bench");
     work.commit("seed");
-    for target in [&local_reps[0], &quorum_reps[0], &plain, &plain_fsync] {
+    for target in [
+        &local_reps[0],
+        &quorum_reps[0],
+        &etcd_reps[0],
+        &plain,
+        &plain_fsync,
+    ] {
         work.push_ok(target, &["HEAD:refs/heads/main"]);
     }
     hook_alone(&local_reps[0]);
@@ -78,6 +93,10 @@ fn main() {
         t.quorum.push(push);
         t.quorum_everywhere.push(everywhere);
         t.quorum_after_ack.push(after);
+        let (push, everywhere, after) = replicated_push(&work, &etcd_reps, &id);
+        t.etcd.push(push);
+        t.etcd_everywhere.push(everywhere);
+        t.etcd_after_ack.push(after);
     }
     let (mut plain_tags, mut fsync_tags, mut cluster_tags) = (vec![], vec![], vec![]);
     for s in 0..TAG_SAMPLES {
@@ -127,6 +146,15 @@ fn main() {
     );
     report_after_ack("quorum", &mut t.quorum_after_ack);
     report(
+        "git push, 1 small commit, 3-node cluster on a 3-member etcd, --durability local",
+        &mut t.etcd,
+    );
+    report(
+        "etcd: push started -> ref on all three replicas",
+        &mut t.etcd_everywhere,
+    );
+    report_after_ack("etcd", &mut t.etcd_after_ack);
+    report(
         &format!("git push --tags, {TAGS} new tags, plain bare repo"),
         &mut plain_tags,
     );
@@ -164,6 +192,9 @@ struct Timings {
     quorum: Vec<Duration>,
     quorum_everywhere: Vec<Duration>,
     quorum_after_ack: Vec<Option<Duration>>,
+    etcd: Vec<Duration>,
+    etcd_everywhere: Vec<Duration>,
+    etcd_after_ack: Vec<Option<Duration>>,
 }
 
 fn timed(f: impl FnOnce()) -> Duration {
@@ -212,7 +243,7 @@ fn watch(repos: Vec<PathBuf>, id: String, start: Instant) -> JoinHandle<Instant>
     handle
 }
 
-fn cas_latency(cluster: &Cluster) {
+fn cas_latency(backend: &str, cluster: &Cluster) {
     let rt = harness::runtime();
     let mut times = rt.block_on(async {
         let mut client = piehole_client::LocalClient::connect(&cluster.socket(1))
@@ -239,7 +270,7 @@ fn cas_latency(cluster: &Cluster) {
         times
     });
     report(
-        "one CAS through the local API (node 1, 3-node cluster)",
+        &format!("one CAS through the local API (node 1, 3-node cluster, {backend})"),
         &mut times,
     );
 }

@@ -81,7 +81,11 @@ fn one_etcd_member_of_three_killed_pushes_go_on() {
     user.push_ok(&reps[0], &["main"]);
     git::wait_converged(&c, &reps, MAIN, Some(&first));
 
+    // If it was etcd's leader, the other two elect one first (etcd's
+    // election timeout, 1 s by default); pushes in that window fail with
+    // "may still take effect", as any write to etcd then would.
     backend.etcd_server().kill(0);
+    backend.etcd_server().wait_healthy();
     for (i, rep) in reps.iter().enumerate() {
         let out = user.fetch(rep);
         git::assert_ok(&out, "fetch");
@@ -157,8 +161,8 @@ fn etcd_restarted_during_pushes_loses_no_acknowledged_push() {
 /// leaves connections open) misses pushes made elsewhere; `compact`, when
 /// set, also compacts etcd past everything it saw. Once the link is back it
 /// catches up: from its watch's revision, or by loading everything again.
-fn cut_off_node_catches_up(compact: bool) {
-    let backend = Backend::etcd();
+fn cut_off_node_catches_up(version: Version, compact: bool) {
+    let backend = Backend::etcd_cluster(1, version);
     let proxy = Proxy::start(backend.etcd_server().client_addr(0));
     let mut c = cluster(&backend, 3);
     c.kill(3);
@@ -212,12 +216,19 @@ fn cut_off_node_catches_up(compact: bool) {
 
 #[test]
 fn a_node_cut_off_from_etcd_catches_up_when_it_reconnects() {
-    cut_off_node_catches_up(false);
+    cut_off_node_catches_up(Version::V3_5, false);
 }
 
 #[test]
 fn a_node_whose_revision_was_compacted_away_loads_everything_again() {
-    cut_off_node_catches_up(true);
+    cut_off_node_catches_up(Version::V3_5, true);
+}
+
+/// The same on etcd 3.4, whose watch and compaction answers differ in
+/// detail from 3.5's.
+#[test]
+fn on_etcd_3_4_a_node_whose_revision_was_compacted_away_loads_everything_again() {
+    cut_off_node_catches_up(Version::V3_4, true);
 }
 
 /// A stock etcd allows 128 operations per transaction and 1.5 MiB per
@@ -323,8 +334,8 @@ fn a_wrong_etcd_password_stops_the_node_the_right_one_works() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wrong = dir.path().join("wrong");
     let right = dir.path().join("right");
-    std::fs::write(&wrong, "root:not-the-password\n").unwrap();
-    std::fs::write(&right, "root:s3cret-root\n").unwrap();
+    std::fs::write(&wrong, "not-the-password\n").unwrap();
+    std::fs::write(&right, "s3cret-root\n").unwrap();
 
     let mut cmd = Command::new(harness::piehole());
     cmd.args([
@@ -337,7 +348,9 @@ fn a_wrong_etcd_password_stops_the_node_the_right_one_works() {
         &format!("127.0.0.1:{}", harness::free_port()),
         "--etcd",
         &backend.etcd_server().endpoints(),
-        "--etcd-auth-file",
+        "--etcd-user",
+        "root",
+        "--etcd-password-file",
         wrong.to_str().unwrap(),
     ]);
     let out = harness::run_expect_exit(cmd, Duration::from_secs(20));
@@ -347,7 +360,16 @@ fn a_wrong_etcd_password_stops_the_node_the_right_one_works() {
         "{line}"
     );
 
-    let c = Cluster::start_on(&backend, 2, &["--etcd-auth-file", right.to_str().unwrap()]);
+    let c = Cluster::start_on(
+        &backend,
+        2,
+        &[
+            "--etcd-user",
+            "root",
+            "--etcd-password-file",
+            right.to_str().unwrap(),
+        ],
+    );
     let reps = git::replicas(&c, GROUP);
     let user = Work::new(&c, "alice");
     let tip = user.commit("with auth");
@@ -440,5 +462,183 @@ fn moving_from_raft_to_etcd_and_back_changes_no_replica() {
         let next = user.commit(&format!("after moving to {name}"));
         user.push_ok(&reps[2], &["main"]);
         git::wait_converged(&c, &reps, MAIN, Some(&next));
+    }
+}
+
+/// etcd that takes clients over TLS with a certificate only: a node with
+/// the CA but no client certificate stops with one line naming etcd; with
+/// its certificate and key the cluster takes pushes.
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    let backend = Backend::etcd_tls();
+    let (ca, cert, key, endpoints) = {
+        let etcd = backend.etcd_server();
+        let t = etcd.tls.as_ref().expect("a TLS etcd");
+        (
+            t.ca.display().to_string(),
+            t.client_cert.display().to_string(),
+            t.client_key.display().to_string(),
+            etcd.endpoints(),
+        )
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new(harness::piehole());
+    cmd.args([
+        "node",
+        "--id",
+        "1",
+        "--data-dir",
+        dir.path().join("node").to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{}", harness::free_port()),
+        "--etcd",
+        &endpoints,
+        "--etcd-ca",
+        &ca,
+    ]);
+    let out = harness::run_expect_exit(cmd, Duration::from_secs(60));
+    let line = harness::assert_one_line_error(&out, 1);
+    assert!(line.contains("etcd"), "{line}");
+
+    let c = Cluster::start_on(
+        &backend,
+        2,
+        &["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key],
+    );
+    let reps = git::replicas(&c, GROUP);
+    let user = Work::new(&c, "alice");
+    let tip = user.commit("over TLS");
+    user.push_ok(&reps[0], &["main"]);
+    git::wait_converged(&c, &reps, MAIN, Some(&tip));
+}
+
+/// An etcd shared with other users: the last change in etcd may be outside
+/// piehole's prefix, and no watch event of piehole's ever reaches that
+/// revision. Reads that must be current still answer (the node asks etcd
+/// for a progress notification).
+#[test]
+fn writes_outside_the_prefix_do_not_stall_linearizable_reads() {
+    let backend = Backend::etcd();
+    let c = cluster(&backend, 2);
+    let out = backend
+        .etcd_server()
+        .ctl(&["put", "/someone-else/key", "value"]);
+    assert!(out.status.success(), "etcdctl put: {out:?}");
+    // A new group: its first read is of a group with no key yet.
+    let reps = git::replicas(&c, "fresh");
+    let user = Work::new(&c, "alice");
+    let tip = user.commit("first");
+    user.push_ok(&reps[0], &["main"]);
+    git::wait_converged(&c, &reps, MAIN, Some(&tip));
+    let out = backend
+        .etcd_server()
+        .ctl(&["put", "/someone-else/key", "again"]);
+    assert!(out.status.success(), "etcdctl put: {out:?}");
+    assert_eq!(git::consensus(&c, 2, "fresh")[MAIN], tip);
+}
+
+/// Two nodes never run under one id: a second one is refused at start;
+/// and a node whose lease etcd dropped (here: revoked by hand) while
+/// another took its id stops rather than take it back.
+#[test]
+fn one_id_one_node() {
+    let backend = Backend::etcd();
+    let c = cluster(&backend, 1);
+    let node = |dir: &std::path::Path| {
+        let mut cmd = Command::new(harness::piehole());
+        cmd.args([
+            "node",
+            "--id",
+            "1",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{}", harness::free_port()),
+            "--etcd",
+            &backend.etcd_server().endpoints(),
+            "--etcd-prefix",
+            &c.etcd_prefix,
+        ]);
+        cmd
+    };
+    let other = tempfile::tempdir().expect("tempdir");
+    let out = harness::run_expect_exit(node(other.path()), Duration::from_secs(20));
+    let line = harness::assert_one_line_error(&out, 1);
+    assert!(line.contains("another node runs as id 1"), "{line}");
+
+    // etcd forgets node 1's lease; a second node 1 starts meanwhile.
+    let alive = format!("{}nodes/1/alive", c.etcd_prefix);
+    let out = backend.etcd_server().ctl(&["get", &alive, "-w", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let lease = v["kvs"][0]["lease"]
+        .as_i64()
+        .expect("the liveness key has a lease");
+    let out = backend
+        .etcd_server()
+        .ctl(&["lease", "revoke", &format!("{lease:x}")]);
+    assert!(out.status.success(), "etcdctl lease revoke: {out:?}");
+    let mut second = harness::ChildGuard(
+        node(other.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the second node 1"),
+    );
+    let mut c = c;
+    harness::poll_until(
+        "the first node 1 to stop once its id is taken",
+        Duration::from_secs(30),
+        || (!c.is_running(1)).then_some(()),
+    );
+    assert!(second.alive(), "the second node 1 should run on");
+    assert!(
+        c.log(1).contains("another node runs as id 1"),
+        "the first node stopped without saying why:\n{}",
+        c.log(1)
+    );
+    c.kill(1);
+}
+
+/// etcd's auth tokens expire; the node logs in again by itself.
+#[test]
+fn an_expired_etcd_auth_token_is_renewed() {
+    let backend = Backend::Etcd(Arc::new(std::sync::Mutex::new(
+        harness::etcd::Etcd::start_with(Version::V3_5, &["--auth-token-ttl", "1"]),
+    )));
+    {
+        let etcd = backend.etcd_server();
+        for args in [
+            &["user", "add", "root:s3cret-root"][..],
+            &["user", "grant-role", "root", "root"][..],
+            &["auth", "enable"][..],
+        ] {
+            let out = etcd.ctl(args);
+            assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let password = dir.path().join("password");
+    std::fs::write(&password, "s3cret-root\n").unwrap();
+    let c = Cluster::start_on(
+        &backend,
+        2,
+        &[
+            "--etcd-user",
+            "root",
+            "--etcd-password-file",
+            password.to_str().unwrap(),
+        ],
+    );
+    let reps = git::replicas(&c, GROUP);
+    let user = Work::new(&c, "alice");
+    for i in 0..3 {
+        // Idle past the token's life (1 s, swept every few seconds by etcd).
+        let idle = Instant::now() + Duration::from_secs(4);
+        harness::poll_until("time to pass", Duration::from_secs(10), || {
+            (Instant::now() >= idle).then_some(())
+        });
+        let tip = user.commit(&format!("after idling {i}"));
+        user.push_ok(&reps[0], &["main"]);
+        git::wait_converged(&c, &reps, MAIN, Some(&tip));
     }
 }

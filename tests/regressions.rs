@@ -591,9 +591,8 @@ fn clobber_only_works_from_a_registered_replica_and_removes_refs_only_when_asked
 /// leftover is made directly, a minute old, on replica 2; the next push
 /// must still reach replica 2 within the convergence bound, and the stale
 /// lock must be gone.
-#[test]
-fn a_lock_file_left_by_a_killed_node_does_not_block_the_ref_for_good() {
-    let c = cluster(&Backend::Raft);
+fn a_lock_file_left_by_a_killed_node_does_not_block_the_ref_for_good(backend: Backend) {
+    let c = cluster(&backend);
     let (reps, user, c1) = group_with_main(&c);
     let lock = reps[1].join("refs/heads/main.lock");
     std::fs::write(&lock, format!("{c1}\n")).unwrap();
@@ -613,9 +612,8 @@ fn a_lock_file_left_by_a_killed_node_does_not_block_the_ref_for_good() {
 /// push; git runs `gc --auto` only after pushes it receives itself. With
 /// gc.autoPackLimit = 4 on replica 2, after 8 pushes to replica 1 replica
 /// 2 is repacked to a few packs (found in review: packs piled up).
-#[test]
-fn replicas_that_only_receive_through_piehole_are_repacked() {
-    let c = cluster(&Backend::Raft);
+fn replicas_that_only_receive_through_piehole_are_repacked(backend: Backend) {
+    let c = cluster(&backend);
     let (reps, user, _) = group_with_main(&c);
     git::git_ok(&reps[1], &["config", "gc.autoPackLimit", "4"]);
     let packs = |repo: &Path| {
@@ -701,9 +699,8 @@ fn an_atomic_push_mixing_replicated_and_local_refs_is_refused_whole(backend: Bac
 /// age and then a retry backoff, leaving its replica behind for more than
 /// the 2 s the issue allows after healing. Now a lock from before the node
 /// started is taken for dead after 1 s, and the node looks again right then.
-#[test]
-fn a_node_restarted_right_after_a_kill_mid_update_catches_up_within_2s() {
-    let mut c = cluster(&Backend::Raft);
+fn a_node_restarted_right_after_a_kill_mid_update_catches_up_within_2s(backend: Backend) {
+    let mut c = cluster(&backend);
     let (reps, user, _) = group_with_main(&c);
     c.kill(2);
     std::fs::write(reps[1].join("refs/heads/main.lock"), "").unwrap();
@@ -733,4 +730,7 @@ on_both_backends!(
     clobber_only_works_from_a_registered_replica_and_removes_refs_only_when_asked,
     a_ref_that_would_be_a_directory_of_another_is_refused,
     an_atomic_push_mixing_replicated_and_local_refs_is_refused_whole,
+    a_lock_file_left_by_a_killed_node_does_not_block_the_ref_for_good,
+    replicas_that_only_receive_through_piehole_are_repacked,
+    a_node_restarted_right_after_a_kill_mid_update_catches_up_within_2s,
 );

@@ -25,7 +25,8 @@ pub struct NodeSettings {
     pub durability: Option<String>,
     pub etcd: Option<Vec<String>>,
     pub etcd_prefix: Option<String>,
-    pub etcd_auth_file: Option<PathBuf>,
+    pub etcd_user: Option<String>,
+    pub etcd_password_file: Option<PathBuf>,
     pub etcd_ca: Option<PathBuf>,
     pub etcd_cert: Option<PathBuf>,
     pub etcd_key: Option<PathBuf>,
@@ -102,7 +103,8 @@ impl NodeSettings {
             durability: over.durability.or(self.durability),
             etcd: over.etcd.or(self.etcd),
             etcd_prefix: over.etcd_prefix.or(self.etcd_prefix),
-            etcd_auth_file: over.etcd_auth_file.or(self.etcd_auth_file),
+            etcd_user: over.etcd_user.or(self.etcd_user),
+            etcd_password_file: over.etcd_password_file.or(self.etcd_password_file),
             etcd_ca: over.etcd_ca.or(self.etcd_ca),
             etcd_cert: over.etcd_cert.or(self.etcd_cert),
             etcd_key: over.etcd_key.or(self.etcd_key),
@@ -207,7 +209,8 @@ impl NodeSettings {
         let Some(endpoints) = &self.etcd else {
             let stray = [
                 ("--etcd-prefix", self.etcd_prefix.is_some()),
-                ("--etcd-auth-file", self.etcd_auth_file.is_some()),
+                ("--etcd-user", self.etcd_user.is_some()),
+                ("--etcd-password-file", self.etcd_password_file.is_some()),
                 ("--etcd-ca", self.etcd_ca.is_some()),
                 ("--etcd-cert", self.etcd_cert.is_some()),
                 ("--etcd-key", self.etcd_key.is_some()),
@@ -236,20 +239,21 @@ impl NodeSettings {
         let read = |what: &str, p: &PathBuf| {
             std::fs::read(p).map_err(|e| format!("cannot read {what} {}: {e}", p.display()))
         };
-        let auth = match &self.etcd_auth_file {
-            None => None,
-            Some(p) => {
-                let text = String::from_utf8(read("--etcd-auth-file", p)?)
-                    .map_err(|_| format!("{} is not text", p.display()))?;
-                let (user, password) = text
-                    .trim_end_matches(['\n', '\r'])
-                    .split_once(':')
-                    .ok_or_else(|| format!("{} must hold USER:PASSWORD", p.display()))?;
-                if user.is_empty() {
-                    return Err(format!("{} names no user", p.display()));
+        let auth = match (&self.etcd_user, &self.etcd_password_file) {
+            (None, None) => None,
+            (Some(user), Some(p)) => {
+                if user.is_empty() || user.contains(char::is_whitespace) {
+                    return Err(format!("--etcd-user {user:?} is not a user name"));
                 }
-                Some((user.to_string(), password.to_string()))
+                let text = String::from_utf8(read("--etcd-password-file", p)?)
+                    .map_err(|_| format!("{} is not text", p.display()))?;
+                let password = text.lines().next().unwrap_or_default();
+                if password.is_empty() {
+                    return Err(format!("{} holds no password", p.display()));
+                }
+                Some((user.clone(), password.to_string()))
             }
+            _ => return Err("--etcd-user and --etcd-password-file go together".into()),
         };
         let ca = self
             .etcd_ca
@@ -262,6 +266,21 @@ impl NodeSettings {
             _ => return Err("--etcd-cert and --etcd-key go together".into()),
         };
         let advertise = self.advertise.clone().unwrap_or_else(|| listen.to_string());
+        // Other nodes dial this address: 0.0.0.0 would reach themselves.
+        match advertise.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() => {
+                return Err(format!(
+                    "in etcd mode other nodes dial this node at {advertise}; give --advertise \
+                     HOST:PORT with an address they can reach"
+                ))
+            }
+            Ok(_) => {}
+            Err(_)
+                if advertise
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) => {}
+            Err(_) => return Err(format!("--advertise {advertise:?} is not HOST:PORT")),
+        }
         Ok(Some(EtcdConfig {
             endpoints,
             prefix,
@@ -314,6 +333,46 @@ mod tests {
             .into_config(Some("0123456789abcdef".into()))
             .is_ok());
         assert!(parse_peers("1:abc").is_err());
+    }
+
+    #[test]
+    fn etcd_settings_are_checked() {
+        let etcd = |listen: &str| NodeSettings {
+            id: Some(1),
+            data_dir: Some("/tmp/x".into()),
+            listen: Some(listen.into()),
+            etcd: Some(vec!["http://127.0.0.1:2379".into()]),
+            ..Default::default()
+        };
+        let c = etcd("127.0.0.1:7001").into_config(None).unwrap();
+        let e = c.etcd.expect("etcd mode");
+        assert_eq!(e.prefix, "/piehole/");
+        assert_eq!(e.advertise, "127.0.0.1:7001");
+        assert_eq!(
+            c.peers.len(),
+            1,
+            "only this node, until etcd names the others"
+        );
+        // Others would dial 0.0.0.0, which is themselves.
+        let e = etcd("0.0.0.0:7001")
+            .into_config(Some("0123456789abcdef".into()))
+            .unwrap_err();
+        assert!(e.contains("--advertise"), "{e}");
+        let mut s = etcd("0.0.0.0:7001");
+        s.advertise = Some("10.0.0.1:7001".into());
+        assert!(s.into_config(Some("0123456789abcdef".into())).is_ok());
+        let mut s = etcd("127.0.0.1:7001");
+        s.peers = Some(parse_peers("1=127.0.0.1:7001").unwrap());
+        assert!(s
+            .into_config(None)
+            .unwrap_err()
+            .contains("exclude each other"));
+        let mut s = etcd("127.0.0.1:7001");
+        s.etcd_user = Some("root".into());
+        assert!(s.into_config(None).unwrap_err().contains("go together"));
+        let mut s = settings(1, "127.0.0.1:7001", "1=127.0.0.1:7001");
+        s.etcd_prefix = Some("/p/".into());
+        assert!(s.into_config(None).unwrap_err().contains("needs --etcd"));
     }
 
     #[test]

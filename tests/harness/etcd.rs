@@ -59,6 +59,71 @@ pub fn etcdctl() -> PathBuf {
     workspace().join("target/etcd/3.5/etcdctl")
 }
 
+/// Certificates made with the openssl command for one test: a CA, a
+/// server certificate for 127.0.0.1, and a client certificate for `root`.
+pub struct Tls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Tls {
+    pub fn make(dir: &Path) -> Tls {
+        super::tools::require("openssl", "openssl");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("run openssl");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=piehole test CA",
+        ]);
+        for (name, cn, ext) in [
+            (
+                "server",
+                "etcd",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+            ),
+            ("client", "root", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            std::fs::write(dir.join(format!("{name}.ext")), ext).expect("write ext");
+            run(&[
+                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{name}-key.pem"),
+                "-out", &format!("{name}.csr"), "-subj", &format!("/CN={cn}"),
+            ]);
+            run(&[
+                "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey",
+                "ca.key", "-CAcreateserial", "-out", &format!("{name}.pem"), "-days", "2",
+                "-extfile", &format!("{name}.ext"),
+            ]);
+        }
+        Tls {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server-key.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client-key.pem"),
+        }
+    }
+}
+
 struct Member {
     name: String,
     client: u16,
@@ -76,11 +141,30 @@ pub struct Etcd {
     /// Extra flags for every member (e.g. authentication is set up later
     /// through etcdctl, not here).
     initial_cluster: String,
+    /// Clients must speak TLS and show a certificate of this CA.
+    pub tls: Option<Tls>,
+    /// More flags for every member.
+    extra: Vec<String>,
 }
 
 impl Etcd {
     /// `n` members, started and answering.
     pub fn start(n: usize, version: Version) -> Etcd {
+        Etcd::start_inner(n, version, false, &[])
+    }
+
+    /// One member with more flags.
+    pub fn start_with(version: Version, extra: &[&str]) -> Etcd {
+        Etcd::start_inner(1, version, false, extra)
+    }
+
+    /// One member that serves clients over TLS only and requires a client
+    /// certificate signed by its CA (`tls`).
+    pub fn start_tls(version: Version) -> Etcd {
+        Etcd::start_inner(1, version, true, &[])
+    }
+
+    fn start_inner(n: usize, version: Version, tls: bool, extra: &[&str]) -> Etcd {
         let bin = binary(version);
         let dir = tempfile::Builder::new()
             .prefix("piehole-etcd-")
@@ -101,11 +185,14 @@ impl Etcd {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
             .collect::<Vec<_>>()
             .join(",");
+        let tls = tls.then(|| Tls::make(dir.path()));
         let mut e = Etcd {
             version,
             dir,
             members,
             initial_cluster,
+            tls,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         let _ = bin;
         for i in 0..n {
@@ -124,16 +211,28 @@ impl Etcd {
             .append(true)
             .open(&m.log)
             .expect("etcd log");
-        let child = Command::new(bin)
+        let scheme = self.scheme();
+        let mut cmd = Command::new(bin);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        cmd.args(&self.extra);
+        let child = cmd
             .args([
                 "--name",
                 &m.name,
                 "--data-dir",
                 &m.data.display().to_string(),
                 "--listen-client-urls",
-                &format!("http://127.0.0.1:{}", m.client),
+                &format!("{scheme}://127.0.0.1:{}", m.client),
                 "--advertise-client-urls",
-                &format!("http://127.0.0.1:{}", m.client),
+                &format!("{scheme}://127.0.0.1:{}", m.client),
                 "--listen-peer-urls",
                 &format!("http://127.0.0.1:{}", m.peer),
                 "--initial-advertise-peer-urls",
@@ -154,11 +253,19 @@ impl Etcd {
         self.members[i].child = Some(child);
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// `--etcd` for piehole: every member's client URL.
     pub fn endpoints(&self) -> String {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -204,11 +311,19 @@ impl Etcd {
             .members
             .iter()
             .filter(|m| m.child.is_some())
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client))
             .collect::<Vec<_>>()
             .join(",");
-        Command::new(etcdctl())
-            .arg("--endpoints")
+        let mut cmd = Command::new(etcdctl());
+        if let Some(t) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
+        cmd.arg("--endpoints")
             .arg(endpoints)
             .args(args)
             .env("ETCDCTL_API", "3")

@@ -50,6 +50,14 @@ impl Backend {
         Backend::etcd_cluster(1, etcd::Version::V3_5)
     }
 
+    /// A fresh one-member etcd 3.5 that takes clients over TLS with a
+    /// client certificate only (see [`etcd::Tls`]).
+    pub fn etcd_tls() -> Backend {
+        Backend::Etcd(Arc::new(Mutex::new(etcd::Etcd::start_tls(
+            etcd::Version::V3_5,
+        ))))
+    }
+
     /// A fresh etcd of `members` members of `version`.
     pub fn etcd_cluster(members: usize, version: etcd::Version) -> Backend {
         Backend::Etcd(Arc::new(Mutex::new(etcd::Etcd::start(members, version))))

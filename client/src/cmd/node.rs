@@ -25,9 +25,12 @@ pub struct Args {
     /// Key prefix of piehole's keys in etcd [default: /piehole/].
     #[arg(long)]
     etcd_prefix: Option<String>,
-    /// File holding the etcd user and password as USER:PASSWORD.
+    /// etcd user to log in as (with --etcd-password-file).
     #[arg(long)]
-    etcd_auth_file: Option<PathBuf>,
+    etcd_user: Option<String>,
+    /// File whose first line is that user's etcd password.
+    #[arg(long)]
+    etcd_password_file: Option<PathBuf>,
     /// CA certificate (PEM) that etcd's server certificates are signed by.
     #[arg(long)]
     etcd_ca: Option<PathBuf>,
@@ -91,7 +94,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         durability: a.durability,
         etcd: a.etcd,
         etcd_prefix: a.etcd_prefix,
-        etcd_auth_file: a.etcd_auth_file,
+        etcd_user: a.etcd_user,
+        etcd_password_file: a.etcd_password_file,
         etcd_ca: a.etcd_ca,
         etcd_cert: a.etcd_cert,
         etcd_key: a.etcd_key,

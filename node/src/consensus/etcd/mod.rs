@@ -21,6 +21,7 @@ use async_trait::async_trait;
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
     Identity, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
+    WatchRequestSender,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -44,6 +45,10 @@ const LEASE_TTL_SECS: i64 = 10;
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(3);
 /// Watch responses can carry a whole generation's deletions.
 const MAX_WATCH_MESSAGE: usize = 256 << 20;
+/// Failed watches in a row before the node loads everything again.
+const WATCH_ATTEMPTS: u32 = 5;
+/// How often a node waiting to see a revision asks etcd for progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(300);
 /// How long the node tries to reach etcd when it starts.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 /// A write needs at least this long to be seen committing.
@@ -62,7 +67,16 @@ pub struct EtcdConsensus {
     /// Why etcd could not be reached the last time the node tried; None
     /// while it answers.
     trouble: std::sync::Mutex<Option<String>>,
+    /// The peer address registered for this node.
+    advertise: String,
+    /// The running watch's request side, to ask etcd for a progress
+    /// notification: the only way to learn that the copy is current when
+    /// the last change in etcd was outside the prefix.
+    progress: tokio::sync::Mutex<Option<WatchRequestSender>>,
 }
+
+/// A failed claim of this node's id: another node holds it.
+struct IdTaken(String);
 
 /// The running backend and the task that keeps its copy current (it ends
 /// only with the node).
@@ -92,12 +106,15 @@ impl EtcdConsensus {
             request_timeout: config.request_timeout,
             endpoints,
             trouble: std::sync::Mutex::default(),
+            advertise: etcd.advertise.clone(),
+            progress: tokio::sync::Mutex::default(),
         });
         let instance = instance_token(&config.data_dir)?;
         let lease = consensus
-            .claim_id(&etcd.advertise, &instance)
+            .claim_id(&instance)
             .await
-            .with_context(|| format!("cannot register node {} in etcd", config.id))?;
+            .with_context(|| format!("cannot register node {} in etcd", config.id))?
+            .map_err(|IdTaken(why)| anyhow::anyhow!(why))?;
         consensus.load().await.with_context(|| {
             format!(
                 "cannot read piehole's keys from etcd at {}",
@@ -130,53 +147,46 @@ impl EtcdConsensus {
         self.cache.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers this node's address and its liveness key. Another live node
-    /// under the same id (one that is not an earlier run of this data dir)
-    /// is refused. Returns the lease.
-    async fn claim_id(&self, advertise: &str, instance: &str) -> anyhow::Result<i64> {
+    /// Registers this node's address and its liveness key under a new
+    /// lease. Another live node under the same id (one that is not an
+    /// earlier run of this data dir) is refused: Ok(Err). Returns the lease.
+    async fn claim_id(&self, instance: &str) -> anyhow::Result<Result<i64, IdTaken>> {
         let mut lease_client = self.client.lease_client();
         let lease = lease_client.grant(LEASE_TTL_SECS, None).await?.id();
         let alive = self.layout.node_alive(self.id);
-        let txn = Txn::new()
-            .when(vec![Compare::version(alive.clone(), CompareOp::Equal, 0)])
-            .and_then(vec![
+        let writes = || {
+            vec![
                 TxnOp::put(
                     alive.clone(),
                     instance,
                     Some(PutOptions::new().with_lease(lease)),
                 ),
-                TxnOp::put(self.layout.node_addr(self.id), advertise, None),
-            ])
-            .or_else(vec![TxnOp::get(alive.clone(), None)]);
-        let resp = self.kv().txn(txn).await?;
-        if resp.succeeded() {
-            return Ok(lease);
+                TxnOp::put(self.layout.node_addr(self.id), self.advertise.clone(), None),
+            ]
+        };
+        // Free, or ours: an earlier run of this data dir, killed before its
+        // lease ran out, or this run renewing after etcd forgot its lease.
+        for held in [
+            Compare::version(alive.clone(), CompareOp::Equal, 0),
+            Compare::value(alive.clone(), CompareOp::Equal, instance),
+        ] {
+            let txn = Txn::new().when(vec![held]).and_then(writes());
+            if self.kv().txn(txn).await?.succeeded() {
+                return Ok(Ok(lease));
+            }
         }
-        let holder = first_get(&resp)
-            .and_then(|kvs| kvs.first().map(|kv| kv.value().to_vec()))
-            .unwrap_or_default();
-        if holder != instance.as_bytes() {
-            let _ = lease_client.revoke(lease).await;
-            anyhow::bail!(
-                "another node runs as id {} under {} in etcd (its liveness key is held); \
-                 each node needs its own --id",
-                self.id,
-                self.layout.prefix()
-            );
-        }
-        // An earlier run of this node, killed before its lease ran out.
-        let txn = Txn::new().and_then(vec![
-            TxnOp::put(alive, instance, Some(PutOptions::new().with_lease(lease))),
-            TxnOp::put(self.layout.node_addr(self.id), advertise, None),
-        ]);
-        self.kv().txn(txn).await?;
-        Ok(lease)
+        let _ = lease_client.revoke(lease).await;
+        Ok(Err(IdTaken(format!(
+            "another node runs as id {} under {} in etcd (its liveness key is held); \
+             each node needs its own --id",
+            self.id,
+            self.layout.prefix()
+        ))))
     }
 
     /// Keeps the liveness lease alive; after etcd forgot it (etcd was away
     /// longer than its TTL), takes a new one.
     async fn keep_alive(self: Arc<Self>, mut lease: i64, instance: String) -> anyhow::Result<()> {
-        let alive = self.layout.node_alive(self.id);
         loop {
             let kept = async {
                 let (mut keeper, mut stream) = self.client.lease_client().keep_alive(lease).await?;
@@ -198,25 +208,11 @@ impl EtcdConsensus {
                 self.set_trouble(Some(format!("{e:#}")));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
-            // The lease may be gone: a new one, and the key under it.
-            let renewed = async {
-                let id = self
-                    .client
-                    .lease_client()
-                    .grant(LEASE_TTL_SECS, None)
-                    .await?
-                    .id();
-                self.kv()
-                    .put(
-                        alive.clone(),
-                        instance.clone(),
-                        Some(PutOptions::new().with_lease(id)),
-                    )
-                    .await?;
-                anyhow::Ok(id)
-            };
-            match renewed.await {
-                Ok(id) => lease = id,
+            // The lease may be gone: a new one, and the key under it, as
+            // long as no other node took the id meanwhile.
+            match self.claim_id(&instance).await {
+                Ok(Ok(id)) => lease = id,
+                Ok(Err(IdTaken(why))) => anyhow::bail!(why),
                 Err(e) => tracing::debug!(error = %e, "etcd lease not renewed yet"),
             }
         }
@@ -284,7 +280,16 @@ impl EtcdConsensus {
     /// again when that revision was compacted away.
     async fn follow(self: Arc<Self>) -> anyhow::Result<()> {
         let mut must_load = false;
+        // Watches in a row that ended without applying anything: one that
+        // keeps failing on the same revision (a response too large to
+        // decode, say) is given up for a full load.
+        let mut fruitless = 0;
         loop {
+            if fruitless >= WATCH_ATTEMPTS {
+                tracing::warn!("the etcd watch keeps failing; loading everything again");
+                must_load = true;
+                fruitless = 0;
+            }
             if must_load {
                 if let Err(e) = self.load().await {
                     tracing::warn!(error = %e, "etcd resync failed; retrying");
@@ -304,14 +309,16 @@ impl EtcdConsensus {
                 .max_decoding_message_size(MAX_WATCH_MESSAGE)
                 .watch(self.layout.prefix(), Some(options))
                 .await;
-            let mut stream = match watched {
-                Ok(s) => s,
+            let (sender, mut stream) = match watched {
+                Ok(s) => s.split(),
                 Err(e) => {
                     tracing::debug!(error = %e, "etcd watch not started; retrying");
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     continue;
                 }
             };
+            *self.progress.lock().await = Some(sender);
+            fruitless += 1;
             loop {
                 let resp = match stream.message().await {
                     Ok(Some(r)) => r,
@@ -332,8 +339,21 @@ impl EtcdConsensus {
                     }
                     break;
                 }
-                self.apply_events(resp.events());
+                if resp.events().is_empty() {
+                    // A progress notification: every change up to its
+                    // header's revision has been sent. (An event response's
+                    // header may run ahead of the events still to come.)
+                    if !resp.created() {
+                        if let Some(h) = resp.header() {
+                            self.advance_to(h.revision());
+                        }
+                    }
+                } else {
+                    self.apply_events(resp.events());
+                    fruitless = 0;
+                }
             }
+            *self.progress.lock().await = None;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -366,6 +386,33 @@ impl EtcdConsensus {
         touched.dedup();
         for g in touched {
             let _ = self.changes.send(g);
+        }
+    }
+
+    fn advance_to(&self, revision: i64) {
+        let revision = {
+            let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+            cache.revision = cache.revision.max(revision);
+            cache.revision
+        };
+        self.applied.send_replace(revision);
+    }
+
+    /// Until the cache has applied `revision` (asking etcd for progress
+    /// notifications, since the revision may be of a change outside the
+    /// prefix), or `deadline`.
+    async fn wait_seen(&self, revision: i64, deadline: Instant) -> bool {
+        loop {
+            let step = deadline.min(Instant::now() + PROGRESS_EVERY);
+            if self.wait_applied(revision, step).await {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            if let Some(sender) = self.progress.lock().await.as_mut() {
+                let _ = sender.request_progress().await;
+            }
         }
     }
 
@@ -405,17 +452,21 @@ impl EtcdConsensus {
             etcd_client::Error::GRpcStatus(s) => s.message().to_string(),
             other => other.to_string(),
         };
-        // Refused before the request reached a leader: nothing happened.
+        // Refused before etcd proposed it: nothing happened. etcd also says
+        // "unavailable" for a proposal that timed out or lost its leader,
+        // which may still commit: only "no leader" is certain.
         let unsent = match &e {
-            etcd_client::Error::GRpcStatus(s) => matches!(
-                s.code(),
-                tonic::Code::Unavailable
-                    | tonic::Code::Unauthenticated
-                    | tonic::Code::PermissionDenied
-                    | tonic::Code::InvalidArgument
-                    | tonic::Code::FailedPrecondition
-                    | tonic::Code::ResourceExhausted
-            ),
+            etcd_client::Error::GRpcStatus(s) => match s.code() {
+                tonic::Code::Unauthenticated
+                | tonic::Code::PermissionDenied
+                | tonic::Code::InvalidArgument
+                | tonic::Code::FailedPrecondition
+                | tonic::Code::ResourceExhausted => true,
+                tonic::Code::Unavailable => {
+                    s.message().contains("no leader") || s.message().contains("transport")
+                }
+                _ => false,
+            },
             etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
             _ => false,
         };
@@ -496,13 +547,31 @@ impl EtcdConsensus {
         .await;
     }
 
+    /// After a committed write: Ok once this node's copy has it, so that
+    /// nothing here acts on a copy older than what it just acknowledged.
+    async fn seen_or_uncertain(
+        &self,
+        revision: i64,
+        deadline: Instant,
+    ) -> Result<(), ConsensusError> {
+        if self.wait_applied(revision, deadline).await {
+            Ok(())
+        } else {
+            Err(ConsensusError::Uncertain(format!(
+                "etcd at {} took the update at revision {revision}, but this node's copy \
+                 has not seen it in time",
+                self.endpoints
+            )))
+        }
+    }
+
     /// When the cache saw `group` at `version` but etcd has moved on: wait
     /// until the cache has caught up with what the failed transaction saw.
     async fn catch_up(&self, resp: &TxnResponse, deadline: Instant) -> Result<(), ConsensusError> {
         let seen = first_get(resp)
             .and_then(|kvs| kvs.first().map(|kv| kv.mod_revision()))
             .unwrap_or_else(|| revision_of(resp));
-        if self.wait_applied(seen, deadline).await {
+        if self.wait_seen(seen, deadline).await {
             Ok(())
         } else {
             Err(ConsensusError::Unavailable(format!(
@@ -539,7 +608,9 @@ async fn connect(etcd: &EtcdConfig, request_timeout: Duration) -> anyhow::Result
         .with_timeout(request_timeout)
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
         .with_keep_alive_while_idle(true)
-        .with_require_leader(true);
+        .with_require_leader(true)
+        // etcd's auth tokens expire (5 minutes unused by default).
+        .with_auto_token_refresh(true);
     if let Some((user, password)) = &etcd.auth {
         options = options.with_user(user.clone(), password.clone());
     }
@@ -573,12 +644,24 @@ async fn connect(etcd: &EtcdConfig, request_timeout: Duration) -> anyhow::Result
     }
 }
 
-/// etcd answered and said no (credentials, permissions): retrying is useless.
+/// etcd answered and said no (credentials, permissions, a certificate it
+/// or we refuse): retrying is useless.
 fn is_refusal(e: &etcd_client::Error) -> bool {
-    matches!(e, etcd_client::Error::GRpcStatus(s) if matches!(
-        s.code(),
-        tonic::Code::InvalidArgument | tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-    ))
+    let tls = |text: &str| {
+        let text = text.to_ascii_lowercase();
+        text.contains("certificate") || text.contains("fatal alert")
+    };
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(
+                s.code(),
+                tonic::Code::InvalidArgument
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::PermissionDenied
+            ) || tls(s.message())
+        }
+        other => tls(&format!("{other:?}")),
+    }
 }
 
 fn refusal(e: etcd_client::Error) -> anyhow::Error {
@@ -674,7 +757,7 @@ impl Consensus for EtcdConsensus {
                     .await?
                 {
                     Some(revision) => {
-                        self.wait_applied(revision, deadline).await;
+                        self.seen_or_uncertain(revision, deadline).await?;
                         return Ok(decision.outcomes);
                     }
                     None => {
@@ -710,7 +793,7 @@ impl Consensus for EtcdConsensus {
             let resp = self.txn(txn, deadline, wrote).await?;
             if resp.succeeded() {
                 if wrote {
-                    self.wait_applied(revision_of(&resp), deadline).await;
+                    self.seen_or_uncertain(revision_of(&resp), deadline).await?;
                 }
                 return Ok(decision.outcomes);
             }
@@ -741,10 +824,7 @@ impl Consensus for EtcdConsensus {
             .replace_group(group, expected_version, &refs, deadline)
             .await?
         {
-            Some(revision) => {
-                self.wait_applied(revision, deadline).await;
-                Ok(())
-            }
+            Some(revision) => self.seen_or_uncertain(revision, deadline).await,
             None => Err(ConsensusError::Refused(
                 "the group changed while clobber ran (a push landed); nothing was changed, run it again"
                     .into(),
@@ -760,8 +840,7 @@ impl Consensus for EtcdConsensus {
             None,
         )]);
         let resp = self.txn(txn, deadline, true).await?;
-        self.wait_applied(revision_of(&resp), deadline).await;
-        Ok(())
+        self.seen_or_uncertain(revision_of(&resp), deadline).await
     }
 
     async fn group(&self, group: &str, linearizable: bool) -> Result<GroupView, ConsensusError> {
