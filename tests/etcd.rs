@@ -642,3 +642,33 @@ fn an_expired_etcd_auth_token_is_renewed() {
         git::wait_converged(&c, &reps, MAIN, Some(&tip));
     }
 }
+
+/// A generation left by a writer that died between chunks is invisible,
+/// and swept once no flip can reach it; the group's refs stay as they were.
+#[test]
+fn an_abandoned_generation_is_swept_and_never_seen() {
+    let backend = Backend::etcd();
+    let c = cluster(&backend, 1);
+    let reps = git::replicas(&c, GROUP);
+    let user = Work::new(&c, "alice");
+    let tip = user.commit("first");
+    user.push_ok(&reps[0], &["main"]);
+    // What a writer that read version 1 and died leaves: no flip can hold,
+    // since the head has long moved past version 1.
+    let ghost = format!(
+        "{}groups/{GROUP}/gen/1-9-0badf00d/refs/heads/ghost",
+        c.etcd_prefix
+    );
+    let out = backend
+        .etcd_server()
+        .ctl(&["put", &ghost, &format!("{tip} 9")]);
+    assert!(out.status.success(), "etcdctl put: {out:?}");
+    harness::poll_until(
+        "the abandoned generation to be swept",
+        Duration::from_secs(20),
+        || (backend.etcd_server().count(&ghost) == 0).then_some(()),
+    );
+    let consensus = git::consensus(&c, 1, GROUP);
+    assert_eq!(consensus.len(), 1, "{consensus:?}");
+    assert_eq!(consensus[MAIN], tip);
+}

@@ -130,6 +130,25 @@ impl Cache {
             .unwrap_or_else(|| FIRST_GEN.to_string())
     }
 
+    /// Generations that can never become a head, with the head's version
+    /// they were judged against: (group, generation, head version). A
+    /// generation is named after the head version it was written against,
+    /// and its flip holds only if the head is still at that version; once
+    /// the head moved on (versions only grow) it is dead.
+    pub fn dead_generations(&self) -> Vec<(String, String, i64)> {
+        self.gens
+            .keys()
+            .filter_map(|(group, gen)| {
+                let head = self.heads.get(group);
+                let head_gen = head.map_or(FIRST_GEN, |h| h.gen.as_str());
+                let version = head.map_or(0, |h| h.mod_revision);
+                let written_at: Option<i64> = gen.split('-').next().and_then(|v| v.parse().ok());
+                (gen != head_gen && written_at != Some(version))
+                    .then(|| (group.clone(), gen.clone(), version))
+            })
+            .collect()
+    }
+
     /// The group's refs, replicas and version (the head's mod_revision).
     pub fn group(&self, group: &str) -> GroupView {
         let head = self.heads.get(group).cloned().unwrap_or_default();
@@ -240,6 +259,35 @@ mod tests {
         assert_eq!(view.refs["refs/heads/other"].value, "b");
         assert_eq!(view.refs["refs/heads/other"].proposer, 2);
         assert_eq!(c.counts(), (1, 1));
+    }
+
+    #[test]
+    fn a_generation_is_dead_once_the_head_moved_past_its_version() {
+        let l = Layout::new("/p/");
+        let mut c = Cache::default();
+        put(
+            &mut c,
+            &l,
+            &l.ref_key("g", "0", "refs/heads/main"),
+            "a 1",
+            2,
+        );
+        put(&mut c, &l, &l.head("g"), "0", 2);
+        // Written against version 2: it may still be flipped to.
+        put(
+            &mut c,
+            &l,
+            &l.ref_key("g", "2-1-aa", "refs/heads/x"),
+            "b 1",
+            3,
+        );
+        assert!(c.dead_generations().is_empty());
+        // A push moves the head: that writer can never flip now.
+        put(&mut c, &l, &l.head("g"), "0", 4);
+        assert_eq!(
+            c.dead_generations(),
+            vec![("g".to_string(), "2-1-aa".to_string(), 4)]
+        );
     }
 
     #[test]

@@ -49,6 +49,8 @@ const MAX_WATCH_MESSAGE: usize = 256 << 20;
 const WATCH_ATTEMPTS: u32 = 5;
 /// How often a node waiting to see a revision asks etcd for progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(300);
+/// How often dead generations are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// How long the node tries to reach etcd when it starts.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 /// A write needs at least this long to be seen committing.
@@ -123,6 +125,7 @@ impl EtcdConsensus {
         })?;
         let watcher = tokio::spawn(consensus.clone().follow());
         let keeper = tokio::spawn(consensus.clone().keep_alive(lease, instance));
+        tokio::spawn(consensus.clone().sweep());
         let background = tokio::spawn(async move {
             tokio::select! {
                 r = watcher => r.context("etcd watch task")?,
@@ -214,6 +217,35 @@ impl EtcdConsensus {
                 Ok(Ok(id)) => lease = id,
                 Ok(Err(IdTaken(why))) => anyhow::bail!(why),
                 Err(e) => tracing::debug!(error = %e, "etcd lease not renewed yet"),
+            }
+        }
+    }
+
+    /// Deletes generations no flip can ever reach (left by a writer that
+    /// died between chunks, or lost the race to another push), each on
+    /// condition that the head is still where this node saw it.
+    async fn sweep(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(SWEEP_EVERY).await;
+            let dead = self.read_cache().dead_generations();
+            for (group, gen, version) in dead {
+                let txn = Txn::new()
+                    .when(vec![Compare::mod_revision(
+                        self.layout.head(&group),
+                        CompareOp::Equal,
+                        version,
+                    )])
+                    .and_then(vec![TxnOp::delete(
+                        self.layout.gen(&group, &gen),
+                        Some(DeleteOptions::new().with_prefix()),
+                    )]);
+                match self.kv().txn(txn).await {
+                    Ok(r) if r.succeeded() => {
+                        tracing::info!(group, gen, "removed a generation no flip can reach")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "sweeping generations"),
+                }
             }
         }
     }
