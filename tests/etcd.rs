@@ -315,27 +315,33 @@ fn harness_stdin(cmd: &mut Command, input: &[u8]) -> std::process::Output {
     child.wait_with_output().expect("wait")
 }
 
+/// The root user, with password `ROOT_PASSWORD`, and authentication on.
+fn enable_auth(backend: &Backend) {
+    let etcd = backend.etcd_server();
+    let root = format!("root:{ROOT_PASSWORD}");
+    for args in [
+        &["user", "add", &root][..],
+        &["user", "grant-role", "root", "root"][..],
+        &["auth", "enable"][..],
+    ] {
+        let out = etcd.ctl(args);
+        assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+    }
+}
+
+const ROOT_PASSWORD: &str = "s3cret-root";
+
 /// etcd with authentication on: a node with the wrong password stops at
 /// once with one clear line; with the right one it works.
 #[test]
 fn a_wrong_etcd_password_stops_the_node_the_right_one_works() {
     let backend = Backend::etcd();
-    {
-        let etcd = backend.etcd_server();
-        for args in [
-            &["user", "add", "root:s3cret-root"][..],
-            &["user", "grant-role", "root", "root"][..],
-            &["auth", "enable"][..],
-        ] {
-            let out = etcd.ctl(args);
-            assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
-        }
-    }
+    enable_auth(&backend);
     let dir = tempfile::tempdir().expect("tempdir");
     let wrong = dir.path().join("wrong");
     let right = dir.path().join("right");
     std::fs::write(&wrong, "not-the-password\n").unwrap();
-    std::fs::write(&right, "s3cret-root\n").unwrap();
+    std::fs::write(&right, format!("{ROOT_PASSWORD}\n")).unwrap();
 
     let mut cmd = Command::new(harness::piehole());
     cmd.args([
@@ -605,20 +611,10 @@ fn an_expired_etcd_auth_token_is_renewed() {
     let backend = Backend::Etcd(Arc::new(std::sync::Mutex::new(
         harness::etcd::Etcd::start_with(Version::V3_5, &["--auth-token-ttl", "1"]),
     )));
-    {
-        let etcd = backend.etcd_server();
-        for args in [
-            &["user", "add", "root:s3cret-root"][..],
-            &["user", "grant-role", "root", "root"][..],
-            &["auth", "enable"][..],
-        ] {
-            let out = etcd.ctl(args);
-            assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
-        }
-    }
+    enable_auth(&backend);
     let dir = tempfile::tempdir().expect("tempdir");
     let password = dir.path().join("password");
-    std::fs::write(&password, "s3cret-root\n").unwrap();
+    std::fs::write(&password, format!("{ROOT_PASSWORD}\n")).unwrap();
     let c = Cluster::start_on(
         &backend,
         2,

@@ -130,6 +130,30 @@ pub struct GroupView {
     pub version: u64,
 }
 
+impl GroupView {
+    /// The group on the wire: in snapshots, exports and read replies.
+    pub fn into_group_state(self, name: String) -> pb::GroupState {
+        pb::GroupState {
+            name,
+            version: self.version,
+            replicas: self
+                .replicas
+                .into_iter()
+                .map(|(node_id, path)| pb::Replica { node_id, path })
+                .collect(),
+            refs: self
+                .refs
+                .into_iter()
+                .map(|(ref_name, v)| pb::ConsensusRef {
+                    ref_name,
+                    value: v.value,
+                    proposer: v.proposer,
+                })
+                .collect(),
+        }
+    }
+}
+
 pub struct StateMachine {
     tree: sled::Tree,
     /// Made durable at once after a snapshot install, which no log replays.
@@ -438,24 +462,7 @@ impl StateMachine {
         let mut snap = pb::StateSnapshot::default();
         for name in self.groups_unlocked() {
             let view = self.group_unlocked(&name)?;
-            snap.groups.push(pb::GroupState {
-                version: view.version,
-                name,
-                replicas: view
-                    .replicas
-                    .into_iter()
-                    .map(|(node_id, path)| pb::Replica { node_id, path })
-                    .collect(),
-                refs: view
-                    .refs
-                    .into_iter()
-                    .map(|(ref_name, v)| pb::ConsensusRef {
-                        ref_name,
-                        value: v.value,
-                        proposer: v.proposer,
-                    })
-                    .collect(),
-            });
+            snap.groups.push(view.into_group_state(name));
         }
         for kv in self.tree.scan_prefix([DEDUP, 0]) {
             snap.applied_requests

@@ -255,22 +255,11 @@ impl Local for LocalService {
             .group(&r.group, r.linearizable)
             .await
             .map_err(consensus_status)?;
+        let group = view.into_group_state(r.group);
         Ok(Response::new(pb::ReadRefsReply {
-            refs: view
-                .refs
-                .into_iter()
-                .map(|(ref_name, v)| pb::ConsensusRef {
-                    ref_name,
-                    value: v.value,
-                    proposer: v.proposer,
-                })
-                .collect(),
-            replicas: view
-                .replicas
-                .into_iter()
-                .map(|(node_id, path)| pb::Replica { node_id, path })
-                .collect(),
-            version: view.version,
+            refs: group.refs,
+            replicas: group.replicas,
+            version: group.version,
         }))
     }
 
@@ -510,24 +499,7 @@ impl Local for LocalService {
                 .consensus
                 .local_group(&name)
                 .map_err(consensus_status)?;
-            out.groups.push(pb::GroupState {
-                name,
-                version: view.version,
-                replicas: view
-                    .replicas
-                    .into_iter()
-                    .map(|(node_id, path)| pb::Replica { node_id, path })
-                    .collect(),
-                refs: view
-                    .refs
-                    .into_iter()
-                    .map(|(ref_name, v)| pb::ConsensusRef {
-                        ref_name,
-                        value: v.value,
-                        proposer: v.proposer,
-                    })
-                    .collect(),
-            });
+            out.groups.push(view.into_group_state(name));
         }
         Ok(Response::new(out))
     }
