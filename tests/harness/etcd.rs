@@ -165,7 +165,20 @@ impl Etcd {
     }
 
     fn start_inner(n: usize, version: Version, tls: bool, extra: &[&str]) -> Etcd {
-        let bin = binary(version);
+        // A port handed out by free_port() can be taken by someone else
+        // before etcd binds it: then start over on fresh ports.
+        for attempt in 0.. {
+            match Etcd::try_start(n, version, tls, extra) {
+                Ok(e) => return e,
+                Err(why) if attempt < 3 => eprintln!("etcd start: {why}; again on other ports"),
+                Err(why) => panic!("etcd did not start: {why}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn try_start(n: usize, version: Version, tls: bool, extra: &[&str]) -> Result<Etcd, String> {
+        binary(version);
         let dir = tempfile::Builder::new()
             .prefix("piehole-etcd-")
             .tempdir()
@@ -194,12 +207,28 @@ impl Etcd {
             tls,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
-        let _ = bin;
         for i in 0..n {
             e.spawn(i);
         }
-        e.wait_healthy();
-        e
+        let healthy = super::poll(super::POLL_EVERY, Duration::from_secs(30), || {
+            for m in &mut e.members {
+                if let Some(Ok(Some(status))) = m.child.as_mut().map(Child::try_wait) {
+                    m.child = None;
+                    return Some(Err(format!(
+                        "{} exited ({status}): {}",
+                        m.name,
+                        tail(&m.log, 1000)
+                    )));
+                }
+            }
+            let out = e.ctl(&["endpoint", "health", "--command-timeout=1s"]);
+            out.status.success().then_some(Ok(()))
+        });
+        match healthy {
+            Some(Ok(())) => Ok(e),
+            Some(Err(why)) => Err(why),
+            None => Err(format!("not healthy within 30 s:\n{}", e.logs())),
+        }
     }
 
     fn spawn(&mut self, i: usize) {
@@ -275,6 +304,25 @@ impl Etcd {
         format!("127.0.0.1:{}", self.members[i].client)
             .parse()
             .expect("a loopback address")
+    }
+
+    /// The member (0-based) that leads etcd's Raft now.
+    pub fn leader(&self) -> usize {
+        let out = self.ctl(&["endpoint", "status", "-w", "json"]);
+        assert!(out.status.success(), "etcdctl endpoint status: {out:?}");
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("etcdctl prints JSON");
+        let leader = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["Status"]["header"]["member_id"] == e["Status"]["leader"])
+            .and_then(|e| e["Endpoint"].as_str().map(String::from))
+            .expect("a member that leads");
+        self.members
+            .iter()
+            .position(|m| leader.ends_with(&format!(":{}", m.client)))
+            .expect("the leader is one of ours")
     }
 
     /// The store's current revision.

@@ -49,6 +49,8 @@ const MAX_WATCH_MESSAGE: usize = 256 << 20;
 const WATCH_ATTEMPTS: u32 = 5;
 /// How often a node waiting to see a revision asks etcd for progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(300);
+/// How long before a request that found no connection is sent again.
+const RESEND_AFTER: Duration = Duration::from_millis(50);
 /// How often dead generations are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// How long the node tries to reach etcd when it starts.
@@ -155,7 +157,12 @@ impl EtcdConsensus {
     /// earlier run of this data dir) is refused: Ok(Err). Returns the lease.
     async fn claim_id(&self, instance: &str) -> anyhow::Result<Result<i64, IdTaken>> {
         let mut lease_client = self.client.lease_client();
-        let lease = lease_client.grant(LEASE_TTL_SECS, None).await?.id();
+        let lease = resend(|| {
+            let mut c = lease_client.clone();
+            async move { c.grant(LEASE_TTL_SECS, None).await }
+        })
+        .await?
+        .id();
         let alive = self.layout.node_alive(self.id);
         let writes = || {
             vec![
@@ -174,7 +181,11 @@ impl EtcdConsensus {
             Compare::value(alive.clone(), CompareOp::Equal, instance),
         ] {
             let txn = Txn::new().when(vec![held]).and_then(writes());
-            if self.kv().txn(txn).await?.succeeded() {
+            let sent = resend(|| {
+                let (mut kv, txn) = (self.kv(), txn.clone());
+                async move { kv.txn(txn).await }
+            });
+            if sent.await?.succeeded() {
                 return Ok(Ok(lease));
             }
         }
@@ -253,7 +264,7 @@ impl EtcdConsensus {
     /// Replaces the cache with every key under the prefix, read in pages at
     /// one revision.
     async fn load(&self) -> anyhow::Result<()> {
-        let mut kv = self.kv();
+        let kv = self.kv();
         let end = prefix_end(self.layout.prefix());
         let mut fresh = Cache::default();
         let mut from = self.layout.prefix().as_bytes().to_vec();
@@ -263,7 +274,11 @@ impl EtcdConsensus {
             if revision > 0 {
                 options = options.with_revision(revision);
             }
-            let resp = kv.get(from.clone(), Some(options)).await?;
+            let resp = resend(|| {
+                let (mut kv, from, options) = (kv.clone(), from.clone(), options.clone());
+                async move { kv.get(from, Some(options)).await }
+            })
+            .await?;
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
             }
@@ -465,7 +480,21 @@ impl EtcdConsensus {
         deadline: Instant,
         writes: bool,
     ) -> Result<TxnResponse, ConsensusError> {
-        match tokio::time::timeout_at(deadline.into(), self.kv().txn(txn)).await {
+        // The client balances over every endpoint, a dead one included; a
+        // request it could not even connect for went nowhere, so it is
+        // sent again (to whichever endpoint comes next) until the deadline.
+        let attempt = async {
+            loop {
+                match self.kv().txn(txn.clone()).await {
+                    Err(e) if never_sent(&e) && Instant::now() + RESEND_AFTER < deadline => {
+                        tracing::debug!(error = %e, "etcd request not sent; again");
+                        tokio::time::sleep(RESEND_AFTER).await;
+                    }
+                    other => return other,
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline.into(), attempt).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(self.failed(e, writes)),
             Err(_) if writes => Err(ConsensusError::Uncertain(format!(
@@ -494,13 +523,10 @@ impl EtcdConsensus {
                 | tonic::Code::InvalidArgument
                 | tonic::Code::FailedPrecondition
                 | tonic::Code::ResourceExhausted => true,
-                tonic::Code::Unavailable => {
-                    s.message().contains("no leader") || s.message().contains("transport")
-                }
+                tonic::Code::Unavailable => s.message().contains("no leader") || never_sent(&e),
                 _ => false,
             },
-            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-            _ => false,
+            _ => never_sent(&e),
         };
         let text = format!("etcd at {} failed: {detail}", self.endpoints);
         if unsent || !writes {
@@ -611,6 +637,38 @@ impl EtcdConsensus {
                 self.endpoints
             )))
         }
+    }
+}
+
+/// `call` again while it fails without having been sent (the client tried
+/// a dead endpoint), a few times.
+async fn resend<T, F, Fut>(mut call: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match call().await {
+            Err(e) if never_sent(&e) && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(RESEND_AFTER).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The request never left this node: no connection to an endpoint.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable
+                && (s.message().contains("connect error")
+                    || s.message().contains("transport error"))
+        }
+        _ => false,
     }
 }
 
