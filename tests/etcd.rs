@@ -429,8 +429,8 @@ fn restart_all(c: &mut Cluster, backend: &Backend, args: &[&str]) {
     c.backend = backend.clone();
     for id in c.ids() {
         c.set_node_args(id, args);
-        c.restart(id);
     }
+    c.restart_all();
     c.wait_ready();
 }
 

@@ -187,6 +187,22 @@ impl LocalClient {
         Ok(self.grpc.clobber(req).await?.into_inner())
     }
 
+    /// Adds a learner or removes a member; returns once committed.
+    pub async fn change_member(
+        &mut self,
+        kind: pb::MemberChangeKind,
+        node_id: u64,
+        addr: &str,
+    ) -> Result<(), ClientError> {
+        let req = pb::MemberChangeRequest {
+            kind: kind as i32,
+            node_id,
+            addr: addr.to_string(),
+        };
+        self.grpc.change_member(req).await?;
+        Ok(())
+    }
+
     /// Every group's refs and replicas (linearizable).
     pub async fn export_consensus(&mut self) -> Result<pb::ConsensusExport, ClientError> {
         Ok(self

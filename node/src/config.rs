@@ -32,6 +32,8 @@ pub struct NodeSettings {
     pub etcd_key: Option<PathBuf>,
     pub advertise: Option<String>,
     pub paused: Option<bool>,
+    /// First start of a member added with `member add`: members to ask.
+    pub join: Option<Vec<String>>,
 }
 
 /// Compatibility mode: where the consensus lives in etcd, and how to log in.
@@ -68,6 +70,8 @@ pub struct NodeConfig {
     pub etcd: Option<EtcdConfig>,
     /// Refuse every write but an import (moving between backends).
     pub paused: bool,
+    /// Members to ask on the first start of a node added with `member add`.
+    pub join: Option<Vec<String>>,
 }
 
 impl NodeConfig {
@@ -110,6 +114,7 @@ impl NodeSettings {
             etcd_key: over.etcd_key.or(self.etcd_key),
             advertise: over.advertise.or(self.advertise),
             paused: over.paused.or(self.paused),
+            join: over.join.or(self.join),
         }
     }
 
@@ -132,9 +137,38 @@ impl NodeSettings {
             format!("--listen {listen_s:?} is not HOST:PORT with a numeric IP address")
         })?;
         let etcd = self.etcd_config(&listen_s)?;
+        let join = match self.join {
+            None => None,
+            Some(_) if etcd.is_some() => {
+                return Err("--join is for the embedded Raft; in etcd mode nodes find each other through etcd".into())
+            }
+            Some(_) if self.peers.is_some() => {
+                return Err("--join and --peers exclude each other: a joining node learns the members from the cluster".into())
+            }
+            Some(targets) => {
+                let targets: Vec<String> = targets
+                    .iter()
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+                    .collect();
+                if let Some(bad) = targets.iter().find(|t| !t.contains(':')) {
+                    return Err(format!("--join {bad:?} is not HOST:PORT"));
+                }
+                if targets.is_empty() {
+                    return Err("--join needs at least one HOST:PORT of a member".into());
+                }
+                Some(targets)
+            }
+        };
         let raw_peers = match (&etcd, self.peers) {
+            (None, None) if join.is_some() => BTreeMap::from([(id.to_string(), listen_s.clone())]),
             (None, Some(p)) => p,
-            (None, None) => return Err("--peers is required (ID=HOST:PORT,...), or --etcd".into()),
+            (None, None) => {
+                return Err(
+                    "--peers is required (ID=HOST:PORT,...), or --join (a member added with `member add`), or --etcd"
+                        .into(),
+                )
+            }
             (Some(_), Some(_)) => {
                 return Err(
                     "--peers and --etcd exclude each other: in etcd mode nodes find each other through etcd"
@@ -201,6 +235,7 @@ impl NodeSettings {
             ),
             etcd,
             paused: self.paused.unwrap_or(false),
+            join,
         })
     }
 

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use piehole_protocol::limits::{FROM_HEADER, MAX_PEER_MESSAGE_BYTES, SECRET_HEADER};
+use piehole_protocol::limits::{
+    CLUSTER_HEADER, FROM_HEADER, MAX_PEER_MESSAGE_BYTES, SECRET_HEADER,
+};
 use piehole_protocol::pb::peer_client::PeerClient as GrpcPeerClient;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -14,12 +16,20 @@ use tonic::transport::{Channel, Endpoint};
 pub struct PeerAuth {
     pub from: u64,
     pub secret: Option<Arc<str>>,
+    /// Our cluster's id, once bootstrapped or joined (embedded Raft only).
+    pub cluster: Option<u64>,
 }
 
 impl tonic::service::Interceptor for PeerAuth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         let md = req.metadata_mut();
         md.insert(FROM_HEADER, MetadataValue::from(self.from));
+        if let Some(cluster) = self.cluster {
+            let hex = crate::consensus::raft::bootstrap::cluster_hex(cluster);
+            if let Ok(v) = MetadataValue::try_from(hex) {
+                md.insert(CLUSTER_HEADER, v);
+            }
+        }
         if let Some(secret) = &self.secret {
             let v = MetadataValue::try_from(secret.as_ref())
                 .map_err(|_| tonic::Status::internal("cluster secret is not valid header text"))?;

@@ -1,7 +1,7 @@
 //! Wires a node together and runs it until SIGINT/SIGTERM or a fatal error.
 
 use std::os::unix::fs::PermissionsExt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{anyhow, Context};
 use piehole_protocol::limits::{MAX_MESSAGE_BYTES, MAX_PEER_MESSAGE_BYTES};
@@ -11,9 +11,11 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_stream::StreamExt as _;
 
 use crate::api::local::LocalService;
-use crate::api::peer::{PeerGate, PeerService};
+use crate::api::peer::{PeerGate, PeerParts, PeerService};
 use crate::config::NodeConfig;
 use crate::consensus::etcd::EtcdConsensus;
+use crate::consensus::raft::bootstrap::{self, Identity};
+use crate::consensus::raft::storage::RaftStorage;
 use crate::consensus::raft::RaftConsensus;
 use crate::consensus::Consensus;
 use crate::disk::Disk;
@@ -35,37 +37,74 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("data dir {} is not usable", config.data_dir.display()))?;
     let disk = Arc::new(Disk::open(&config.data_dir.join("db"))?);
 
-    // Bind both sockets before starting consensus, so a port in use is a clean error.
+    // Bind the peer port before anything else, so a port in use is a clean
+    // error; the peer API serves the bootstrap handshake before consensus runs.
     let tcp = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let sock_path = config.socket_path();
-    let _ = std::fs::remove_file(&sock_path); // the data dir lock above proves it is stale
-    let unix = UnixListener::bind(&sock_path)
-        .with_context(|| format!("cannot bind {}", sock_path.display()))?;
-    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o660))?;
 
-    let auth = PeerAuth {
+    let mut auth = PeerAuth {
         from: config.id,
         secret: config.cluster_secret.as_deref().map(Arc::from),
+        cluster: None,
     };
-    let (consensus, inbox, backend): (Arc<dyn Consensus>, _, Backend) = match &config.etcd {
+    let parts: Arc<OnceLock<PeerParts>> = Arc::default();
+    let raft_parts = match &config.etcd {
         None => {
             let state = Arc::new(StateMachine::open(disk.clone())?);
-            let started = RaftConsensus::start(&config, disk.clone(), state, auth.clone())?;
-            let driver = started.driver;
-            let done = tokio::task::spawn_blocking(move || match driver.join() {
-                Ok(r) => r,
-                Err(_) => Err(anyhow!("consensus thread panicked")),
-            });
-            (started.consensus, Some(started.inbox), done)
+            let storage = RaftStorage::open(disk.clone(), state.clone())?;
+            Some((Identity::new(&config, state.clone()), state, storage))
         }
-        Some(etcd) => {
-            // The sled database stays open, unused: it locks the data dir.
-            let started = EtcdConsensus::start(&config, etcd).await?;
-            (started.consensus, None, started.background)
-        }
+        Some(_) => None,
     };
+    let gate = PeerGate {
+        secret: auth.secret.clone(),
+    };
+    // Snapshots and raft batches can be far larger than tonic's 4 MB default.
+    let peer = tonic::service::interceptor::InterceptedService::new(
+        PeerServer::new(PeerService {
+            parts: parts.clone(),
+            identity: raft_parts.as_ref().map(|(identity, _, _)| identity.clone()),
+            self_id: config.id,
+        })
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES),
+        gate,
+    );
+    let mut peer_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            // A peer that froze or vanished mid-stream is found in seconds,
+            // and what it held (a pack being built for it) is let go.
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(1)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(2)))
+            .add_service(peer)
+            .serve_with_incoming(TcpListenerStream::new(tcp).map(no_delay)),
+    );
+
+    let (consensus, inbox, backend): (Arc<dyn Consensus>, _, Backend) =
+        match (&config.etcd, raft_parts) {
+            (None, Some((identity, state, storage))) => {
+                let cluster_id = tokio::select! {
+                    r = bootstrap::establish(&config, &storage, &state, &identity, &auth) => r?,
+                    _ = shutdown_signal() => return Ok(()),
+                    r = &mut peer_task => return Err(anyhow!("peer API stopped: {r:?}")),
+                };
+                auth.cluster = Some(cluster_id);
+                let started =
+                    RaftConsensus::start(&config, storage, state, auth.clone(), cluster_id)?;
+                let driver = started.driver;
+                let done = tokio::task::spawn_blocking(move || match driver.join() {
+                    Ok(r) => r,
+                    Err(_) => Err(anyhow!("consensus thread panicked")),
+                });
+                (started.consensus, Some(started.inbox), done)
+            }
+            (Some(etcd), _) => {
+                // The sled database stays open, unused: it locks the data dir.
+                let started = EtcdConsensus::start(&config, etcd).await?;
+                (started.consensus, None, started.background)
+            }
+            (None, None) => unreachable!("the embedded Raft's parts are opened above"),
+        };
     let local_refs = LocalRefs::new(consensus.clone());
     let replicator = Replicator::new(
         consensus.clone(),
@@ -84,21 +123,19 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
             auth: auth.clone(),
         },
     });
-
-    let gate = PeerGate {
-        secret: auth.secret.clone(),
+    let _ = parts.set(PeerParts {
+        inbox,
+        replicator: replicator.clone(),
         consensus: consensus.clone(),
-    };
-    // Snapshots and raft batches can be far larger than tonic's 4 MB default.
-    let peer = tonic::service::interceptor::InterceptedService::new(
-        PeerServer::new(PeerService {
-            inbox,
-            replicator: replicator.clone(),
-            self_id: config.id,
-        })
-        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES),
-        gate,
-    );
+    });
+
+    // The local socket appears only now: a node that has not joined its
+    // cluster has nothing to answer hooks with.
+    let sock_path = config.socket_path();
+    let _ = std::fs::remove_file(&sock_path); // the data dir lock above proves it is stale
+    let unix = UnixListener::bind(&sock_path)
+        .with_context(|| format!("cannot bind {}", sock_path.display()))?;
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o660))?;
     let local = LocalServer::new(LocalService {
         consensus,
         replicator,
@@ -110,15 +147,6 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let peer_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            // A peer that froze or vanished mid-stream is found in seconds,
-            // and what it held (a pack being built for it) is let go.
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(1)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(2)))
-            .add_service(peer)
-            .serve_with_incoming(TcpListenerStream::new(tcp).map(no_delay)),
-    );
     let local_task = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(local)

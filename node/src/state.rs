@@ -28,6 +28,15 @@ const VERSION: u8 = b'v';
 const DEDUP: u8 = b'd';
 /// applied index -> DEDUP key, to forget in log order
 const DEDUP_BY_INDEX: u8 = b'x';
+/// member id -> pb::ClusterMember: its peer address, or that it was removed
+/// (ids are never reused, so a removed member stays as a tombstone).
+const MEMBER: u8 = b'm';
+
+fn member_key(id: u64) -> Vec<u8> {
+    let mut k = vec![MEMBER, 0];
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
 /// How many log entries a request is remembered for. A copy of a proposal
 /// applied later than this after the proposal was made is refused instead
 /// (see `Command.proposed_after`), so no copy can ever apply twice.
@@ -244,6 +253,13 @@ impl StateMachine {
             }
         }
         let (outcome, changed) = match &cmd.op {
+            Some(Op::Register(r)) if self.is_removed(r.node_id)? => (
+                Outcome::Refused(format!(
+                    "node {} was removed from the cluster; nothing was changed",
+                    r.node_id
+                )),
+                None,
+            ),
             Some(Op::Register(r)) => {
                 batch.insert(group_prefix(GROUP, &r.group), b"");
                 batch.insert(
@@ -305,6 +321,79 @@ impl StateMachine {
             let _ = self.changes.send(group.clone());
         }
         Ok(outcome)
+    }
+
+    fn is_removed(&self, id: u64) -> anyhow::Result<bool> {
+        Ok(match self.tree.get(member_key(id))? {
+            Some(v) => pb::ClusterMember::decode(v.as_ref())?.removed,
+            None => false,
+        })
+    }
+
+    /// Every member ever known, removed ones included.
+    pub fn members(&self) -> anyhow::Result<BTreeMap<u64, pb::ClusterMember>> {
+        let mut out = BTreeMap::new();
+        for kv in self.tree.scan_prefix([MEMBER, 0]) {
+            let m = pb::ClusterMember::decode(kv?.1.as_ref())?;
+            out.insert(m.id, m);
+        }
+        Ok(out)
+    }
+
+    /// The members a cluster starts from, at `index` (the bootstrap point,
+    /// or nothing yet for a joining node, whose snapshot replaces them).
+    pub fn seed_members(&self, index: u64, members: &[pb::ClusterMember]) -> anyhow::Result<()> {
+        let _w = self.writing();
+        let mut batch = sled::Batch::default();
+        batch.insert(APPLIED, &index.to_be_bytes());
+        for m in members {
+            batch.insert(member_key(m.id), m.encode_to_vec());
+        }
+        self.tree.apply_batch(batch)?;
+        self.disk.sync()
+    }
+
+    /// Records a membership change that raft applied at `index`. A removed
+    /// member's replicas are dropped with it: nothing may fetch from them.
+    pub fn apply_member_change(&self, index: u64, change: &pb::MemberChange) -> anyhow::Result<()> {
+        let _w = self.writing();
+        let mut batch = sled::Batch::default();
+        batch.insert(APPLIED, &index.to_be_bytes());
+        let mut changed = Vec::new();
+        match change.kind() {
+            pb::MemberChangeKind::AddLearner => {
+                let m = pb::ClusterMember {
+                    id: change.node_id,
+                    addr: change.addr.clone(),
+                    removed: false,
+                };
+                batch.insert(member_key(m.id), m.encode_to_vec());
+            }
+            pb::MemberChangeKind::Promote => {}
+            pb::MemberChangeKind::Remove => {
+                let mut m = match self.tree.get(member_key(change.node_id))? {
+                    Some(v) => pb::ClusterMember::decode(v.as_ref())?,
+                    None => pb::ClusterMember {
+                        id: change.node_id,
+                        ..Default::default()
+                    },
+                };
+                m.removed = true;
+                batch.insert(member_key(m.id), m.encode_to_vec());
+                for group in self.groups_unlocked() {
+                    let k = key(REPLICA, &group, &change.node_id.to_be_bytes());
+                    if self.tree.contains_key(&k)? {
+                        batch.remove(k);
+                        changed.push(group);
+                    }
+                }
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        for g in changed {
+            let _ = self.changes.send(g);
+        }
+        Ok(())
     }
 
     /// Forgets every request applied more than DEDUP_WINDOW entries before
@@ -468,6 +557,7 @@ impl StateMachine {
             snap.applied_requests
                 .push(pb::AppliedRequest::decode(kv?.1.as_ref())?);
         }
+        snap.members = self.members()?.into_values().collect();
         Ok((applied, snap.encode_to_vec()))
     }
 
@@ -505,6 +595,9 @@ impl StateMachine {
         }
         for seen in &snap.applied_requests {
             insert_seen(&mut batch, seen);
+        }
+        for m in &snap.members {
+            batch.insert(member_key(m.id), m.encode_to_vec());
         }
         self.tree.apply_batch(batch)?;
         // No log holds what a snapshot brought: it must be on disk before
@@ -818,6 +911,79 @@ mod tests {
         let mut fresh = cas("g", r, "", A);
         fresh.proposed_after = index;
         assert_eq!(sm.apply(index + 1, &fresh).unwrap(), one(true, Some(A)));
+    }
+
+    fn register_cmd(index: u64, group: &str, node_id: u64) -> pb::Command {
+        pb::Command {
+            origin_node: node_id,
+            request_id: 1000 + index,
+            op: Some(Op::Register(pb::RegisterOp {
+                group: group.into(),
+                node_id,
+                path: format!("/srv/{group}.git"),
+            })),
+            proposed_after: index - 1,
+        }
+    }
+
+    fn change(kind: pb::MemberChangeKind, node_id: u64, addr: &str) -> pb::MemberChange {
+        pb::MemberChange {
+            kind: kind as i32,
+            node_id,
+            addr: addr.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_removed_member_keeps_a_tombstone_loses_its_replicas_and_cannot_register() {
+        let (_d, sm) = sm();
+        let founders: Vec<pb::ClusterMember> = (1..=3)
+            .map(|id| pb::ClusterMember {
+                id,
+                addr: format!("10.0.0.{id}:7420"),
+                removed: false,
+            })
+            .collect();
+        sm.seed_members(1, &founders).unwrap();
+        for (i, id) in (1..=3).enumerate() {
+            sm.apply(2 + i as u64, &register_cmd(2 + i as u64, "g", id))
+                .unwrap();
+        }
+        sm.apply_member_change(
+            5,
+            &change(pb::MemberChangeKind::AddLearner, 4, "10.0.0.4:7420"),
+        )
+        .unwrap();
+        sm.apply_member_change(6, &change(pb::MemberChangeKind::Remove, 3, ""))
+            .unwrap();
+        assert_eq!(sm.applied(), 6);
+        let members = sm.members().unwrap();
+        assert_eq!(members.len(), 4);
+        assert!(
+            members[&3].removed,
+            "a tombstone, so the id is never reused"
+        );
+        assert_eq!(members[&3].addr, "10.0.0.3:7420");
+        assert_eq!(members[&4].addr, "10.0.0.4:7420");
+        let replicas: Vec<u64> = sm.group("g").unwrap().replicas.keys().copied().collect();
+        assert_eq!(
+            replicas,
+            vec![1, 2],
+            "nothing may fetch from a removed node"
+        );
+        let out = sm.apply(7, &register_cmd(7, "g", 3)).unwrap();
+        assert!(
+            matches!(&out, Outcome::Refused(why) if why.contains("removed")),
+            "{out:?}"
+        );
+        assert_eq!(sm.group("g").unwrap().replicas.len(), 2);
+
+        // Members travel with the snapshot.
+        let (idx, data) = sm.snapshot().unwrap();
+        let (_d2, other) = self::sm();
+        other.restore(idx, &data, b"meta").unwrap();
+        assert_eq!(other.members().unwrap(), members);
     }
 
     #[test]

@@ -25,4 +25,7 @@ pub mod limits {
     pub const SECRET_HEADER: &str = "x-piehole-secret";
     /// Metadata key naming the calling node on peer calls.
     pub const FROM_HEADER: &str = "x-piehole-from";
+    /// Metadata key naming the caller's cluster id (16 hex digits) on peer
+    /// calls; absent before the caller has bootstrapped or joined.
+    pub const CLUSTER_HEADER: &str = "x-piehole-cluster";
 }

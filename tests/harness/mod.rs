@@ -364,6 +364,10 @@ pub struct Node {
     pub id: u64,
     pub data_dir: PathBuf,
     pub addr: String,
+    /// For a node added to a running cluster ([`Cluster::new_node`]): its
+    /// `--join` (members' addresses, comma-separated), given instead of
+    /// `--peers` at every start. None for the founding members.
+    pub join: Option<String>,
     child: Option<Child>,
 }
 
@@ -436,6 +440,68 @@ impl Cluster {
         Cluster::launch_inner(&Backend::Raft, n, extra_args, per_node, false)
     }
 
+    /// Spawns `n` node processes (with `per_node(id)` appended to node
+    /// `id`'s arguments) and returns at once, waiting for nothing: for nodes
+    /// that are not meant to bootstrap, whose local sockets never appear.
+    /// No retry on a taken port (a node that cannot listen exits; the
+    /// caller sees it in [`Cluster::is_running`] and the log).
+    pub fn spawn_per_node(
+        n: usize,
+        extra_args: &[&str],
+        per_node: &dyn Fn(u64) -> Vec<String>,
+    ) -> Cluster {
+        let mut c = Cluster::new_unstarted(&Backend::Raft, n, extra_args, per_node, false);
+        for id in 1..=n as u64 {
+            c.spawn(id);
+        }
+        c
+    }
+
+    /// The cluster's description (data dirs, ports, arguments), no process
+    /// started yet.
+    fn new_unstarted(
+        backend: &Backend,
+        n: usize,
+        extra_args: &[&str],
+        per_node: &dyn Fn(u64) -> Vec<String>,
+        partitionable: bool,
+    ) -> Cluster {
+        let mut extra: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        if !extra.iter().any(|a| a.starts_with("--request-timeout-ms")) {
+            extra.push("--request-timeout-ms".into());
+            extra.push("5000".into());
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("piehole-test-")
+            .tempdir()
+            .expect("tempdir");
+        let nodes = (1..=n as u64)
+            .map(|id| Node {
+                id,
+                data_dir: dir.path().join(format!("node-{id}")),
+                addr: format!("127.0.0.1:{}", free_port()),
+                join: None,
+                child: None,
+            })
+            .collect::<Vec<Node>>();
+        let links = if partitionable {
+            links_between(&nodes)
+        } else {
+            BTreeMap::new()
+        };
+        Cluster {
+            dir,
+            nodes,
+            extra_args: extra,
+            node_args: (1..=n as u64).map(|id| (id, per_node(id))).collect(),
+            links,
+            isolated: BTreeSet::new(),
+            backend: backend.clone(),
+            etcd_prefix: format!("/piehole-{}/", free_port()),
+            etcd_via: BTreeMap::new(),
+        }
+    }
+
     /// Like [`Cluster::start_with`], but every directed link i -> j runs
     /// through its own [`Proxy`], so that [`Cluster::isolate`] can cut a
     /// node off the network while its process keeps running.
@@ -452,42 +518,10 @@ impl Cluster {
         per_node: &dyn Fn(u64) -> Vec<String>,
         partitionable: bool,
     ) -> Cluster {
-        let mut extra: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
-        if !extra.iter().any(|a| a.starts_with("--request-timeout-ms")) {
-            extra.push("--request-timeout-ms".into());
-            extra.push("5000".into());
-        }
         // A port handed out by free_port() can be taken by someone else
         // before the node binds it; then start over with fresh ports.
         for attempt in 0.. {
-            let dir = tempfile::Builder::new()
-                .prefix("piehole-test-")
-                .tempdir()
-                .expect("tempdir");
-            let nodes = (1..=n as u64)
-                .map(|id| Node {
-                    id,
-                    data_dir: dir.path().join(format!("node-{id}")),
-                    addr: format!("127.0.0.1:{}", free_port()),
-                    child: None,
-                })
-                .collect::<Vec<Node>>();
-            let links = if partitionable {
-                links_between(&nodes)
-            } else {
-                BTreeMap::new()
-            };
-            let mut c = Cluster {
-                dir,
-                nodes,
-                extra_args: extra.clone(),
-                node_args: (1..=n as u64).map(|id| (id, per_node(id))).collect(),
-                links,
-                isolated: BTreeSet::new(),
-                backend: backend.clone(),
-                etcd_prefix: format!("/piehole-{}/", free_port()),
-                etcd_via: BTreeMap::new(),
-            };
+            let mut c = Cluster::new_unstarted(backend, n, extra_args, per_node, partitionable);
             for id in 1..=n as u64 {
                 c.spawn(id);
             }
@@ -510,9 +544,14 @@ impl Cluster {
     /// address of the link's proxy in a partitionable cluster. The node
     /// compares only member ids with what its data dir recorded, so each
     /// node may name the others at different addresses.
+    ///
+    /// Only the founding members are named (not nodes added later with
+    /// [`Cluster::new_node`]), and all of them, removed or not: `--peers`
+    /// seeds the first start; after that the data dir has the members.
     fn peers_arg(&self, id: u64) -> String {
         self.nodes
             .iter()
+            .filter(|n| n.join.is_none())
             .map(|n| match self.links.get(&(id, n.id)) {
                 Some(proxy) => format!("{}={}", n.id, proxy.addr()),
                 None => format!("{}={}", n.id, n.addr),
@@ -534,7 +573,10 @@ impl Cluster {
             n.addr.clone(),
         ];
         match &self.backend {
-            Backend::Raft => args.extend(["--peers".into(), self.peers_arg(id)]),
+            Backend::Raft => match &n.join {
+                Some(join) => args.extend(["--join".into(), join.clone()]),
+                None => args.extend(["--peers".into(), self.peers_arg(id)]),
+            },
             Backend::Etcd(e) => {
                 let endpoints = match self.etcd_via.get(&id) {
                     Some(via) => via.clone(),
@@ -618,17 +660,193 @@ impl Cluster {
     pub fn restart(&mut self, id: u64) {
         assert!(!self.is_running(id), "node {id} is still running");
         self.spawn(id);
+        self.wait_answers(id, "restarted", Duration::from_secs(20));
+    }
+
+    /// Starts every stopped node at once, then waits until each answers:
+    /// nodes with empty data dirs bootstrap together, so none of them
+    /// answers before all have started.
+    pub fn restart_all(&mut self) {
+        let stopped: Vec<u64> = self
+            .ids()
+            .into_iter()
+            .filter(|&id| !self.is_running(id))
+            .collect();
+        for &id in &stopped {
+            self.spawn(id);
+        }
+        for id in stopped {
+            self.wait_answers(id, "restarted", Duration::from_secs(20));
+        }
+    }
+
+    /// Starts node `id` (stopped) with `args` instead of its usual ones: a
+    /// full `piehole node ...` argument list, e.g. [`Cluster::node_args`]
+    /// altered. Output goes to its usual log; returns once its socket
+    /// answers `status`. Its later restarts use its usual arguments again.
+    pub fn restart_with_args(&mut self, id: u64, args: &[String]) {
+        assert!(!self.is_running(id), "node {id} is still running");
+        let child = spawn_logged(args, &self.node(id).log_path());
+        self.node_mut(id).child = Some(child);
+        self.wait_answers(id, "restarted", Duration::from_secs(20));
+    }
+
+    /// Polls until node `id`'s socket answers `status`; panics with its log
+    /// if its process exits first.
+    fn wait_answers(&self, id: u64, how: &str, timeout: Duration) {
         let log_path = self.node(id).log_path();
-        poll_until(
-            &format!("restarted node {id} answers status"),
-            Duration::from_secs(20),
-            || {
-                if !self.is_running_now(id) {
-                    panic!("restarted node {id} exited: {}", tail(&log_path, 2000));
-                }
-                self.try_status(id).map(|_| ())
-            },
+        poll_until(&format!("{how} node {id} answers status"), timeout, || {
+            if !self.is_running_now(id) {
+                panic!("{how} node {id} exited: {}", tail(&log_path, 2000));
+            }
+            self.try_status(id).map(|_| ())
+        });
+    }
+
+    // -----------------------------------------------------------------
+    // Membership (embedded Raft only)
+
+    /// Describes node N+1 (N = the nodes so far), without starting it or
+    /// making it a member: a fresh data dir and loopback port, and at every
+    /// start `--join` with the listen addresses of `join_via` instead of
+    /// `--peers`, plus the cluster's extra arguments. Announce it with
+    /// [`Cluster::member_add`] (its address is fixed from here on), then
+    /// start it with [`Cluster::start_node`]. Returns its id.
+    pub fn new_node(&mut self, join_via: &[u64]) -> u64 {
+        assert!(
+            matches!(self.backend, Backend::Raft),
+            "nodes join the embedded Raft only"
         );
+        assert!(
+            self.links.is_empty(),
+            "a partitionable cluster has proxies for its first members only"
+        );
+        assert!(!join_via.is_empty(), "a joining node needs a member to ask");
+        let id = self.nodes.len() as u64 + 1;
+        let join = join_via
+            .iter()
+            .map(|&m| self.node(m).addr.clone())
+            .collect::<Vec<_>>()
+            .join(",");
+        self.nodes.push(Node {
+            id,
+            data_dir: self.dir.path().join(format!("node-{id}")),
+            addr: format!("127.0.0.1:{}", free_port()),
+            join: Some(join),
+            child: None,
+        });
+        id
+    }
+
+    /// Starts node `id` (stopped; typically the first start of a node from
+    /// [`Cluster::new_node`]) with its usual arguments; returns once its
+    /// socket answers `status`. Allows a joining node up to 60 s (it asks
+    /// the members before it opens its socket).
+    pub fn start_node(&mut self, id: u64) {
+        assert!(!self.is_running(id), "node {id} is already running");
+        self.spawn(id);
+        self.wait_answers(id, "started", Duration::from_secs(60));
+    }
+
+    /// [`Cluster::new_node`] joining through `via`, announced with `member
+    /// add` through `via` (which must succeed), and started. Returns its id.
+    pub fn join_node(&mut self, via: u64) -> u64 {
+        let id = self.new_node(&[via]);
+        let o = self.member_add(via, id);
+        assert!(
+            o.status.success(),
+            "member add {id} through node {via}: {}",
+            show(&o)
+        );
+        self.start_node(id);
+        id
+    }
+
+    /// `piehole member add ID=ADDR --node SOCK`: node `id` at its address,
+    /// through node `via`'s socket.
+    pub fn member_add(&self, via: u64, id: u64) -> Output {
+        let spec = format!("{id}={}", self.node(id).addr);
+        let sock = self.socket(via);
+        self.run(&["member", "add", &spec, "--node", sock.to_str().unwrap()])
+    }
+
+    /// `piehole member remove ID --node SOCK` through node `via`'s socket.
+    pub fn member_remove(&self, via: u64, id: u64) -> Output {
+        let sock = self.socket(via);
+        self.run(&[
+            "member",
+            "remove",
+            &id.to_string(),
+            "--node",
+            sock.to_str().unwrap(),
+        ])
+    }
+
+    /// `piehole member list --node SOCK --json` through node `via`, parsed;
+    /// None if the command fails or prints no JSON.
+    pub fn try_member_list(&self, via: u64) -> Option<serde_json::Value> {
+        let sock = self.socket(via);
+        let o = self.run(&["member", "list", "--node", sock.to_str()?, "--json"]);
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    /// Like [`Cluster::try_member_list`], panicking on failure.
+    pub fn member_list(&self, via: u64) -> serde_json::Value {
+        let sock = self.socket(via);
+        let o = self.run(&["member", "list", "--node", sock.to_str().unwrap(), "--json"]);
+        assert!(
+            o.status.success(),
+            "member list through node {via}: {}",
+            show(&o)
+        );
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("member list is not JSON ({e}): {}", show(&o)))
+    }
+
+    /// Member id -> role ("voter", "learner", "removed") as node `via`'s
+    /// `member list` shows them; None on failure.
+    pub fn try_roles(&self, via: u64) -> Option<BTreeMap<u64, String>> {
+        roles_of(&self.try_member_list(via)?)
+    }
+
+    /// Polls until node `via`'s `member list` shows node `id` as `role`.
+    pub fn wait_role(&self, via: u64, id: u64, role: &str, timeout: Duration) {
+        poll_until_showing(
+            &format!("node {via}'s member list shows node {id} as {role}"),
+            timeout,
+            || (self.try_roles(via)?.get(&id)? == role).then_some(()),
+            || format!("{:?}", self.try_member_list(via)),
+        )
+    }
+
+    /// Deletes node `id`'s data dir (the node must be stopped): its disk was lost.
+    pub fn wipe(&mut self, id: u64) {
+        assert!(!self.is_running(id), "node {id} is still running");
+        let dir = self.node(id).data_dir.clone();
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("cannot delete {}: {e}", dir.display()),
+        }
+    }
+
+    /// `piehole node` with node `id`'s usual arguments (RUST_LOG unset), not
+    /// spawned: for [`run_expect_exit`].
+    pub fn node_command(&self, id: u64) -> Command {
+        let mut cmd = Command::new(piehole());
+        cmd.args(self.node_args(id)).env_remove("RUST_LOG");
+        cmd
+    }
+
+    /// Starts node `id` with its usual arguments, expecting the process to
+    /// exit by itself within `timeout` (else it is killed and this panics);
+    /// its status and output. The harness does not track this process.
+    pub fn run_node_expect_exit(&self, id: u64, timeout: Duration) -> Output {
+        assert!(!self.is_running(id), "node {id} is still running");
+        run_expect_exit(self.node_command(id), timeout)
     }
 
     /// Extra arguments for node `id` alone, from its next (re)start on
@@ -822,6 +1040,16 @@ impl Cluster {
             .await
             .unwrap_or_else(|e| panic!("connect to node {id}: {e}"))
     }
+}
+
+/// Member id -> role from `member list --json` output; None if it has no
+/// `members` array.
+pub fn roles_of(list: &serde_json::Value) -> Option<BTreeMap<u64, String>> {
+    list["members"]
+        .as_array()?
+        .iter()
+        .map(|m| Some((m["id"].as_u64()?, m["role"].as_str()?.to_string())))
+        .collect()
 }
 
 /// One proxy per directed link between `nodes`, keyed (from, to), each

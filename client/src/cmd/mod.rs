@@ -6,6 +6,7 @@ mod consensus;
 mod demo;
 mod hook;
 mod install;
+mod member;
 mod node;
 mod refs;
 mod status;
@@ -47,6 +48,8 @@ enum Command {
     Ref(refs::Args),
     /// Export or import the whole consensus, to move between Raft and etcd.
     Consensus(consensus::Args),
+    /// List, add or remove the embedded Raft's members (admins only).
+    Member(member::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -60,6 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Hook(a) => hook::run(a),
         Command::Ref(a) => block_on(refs::run(a)),
         Command::Consensus(a) => block_on(consensus::run(a)),
+        Command::Member(a) => block_on(member::run(a)),
     }
 }
 

@@ -16,9 +16,16 @@ pub struct Args {
     /// Peer API address, HOST:PORT (numeric IP).
     #[arg(long)]
     listen: Option<String>,
-    /// Every member: ID=HOST:PORT,ID=HOST:PORT,...
+    /// Every member, for a new cluster's first start: ID=HOST:PORT,...
+    /// Later the members come from the data dir; an entry here still
+    /// overrides the address this node dials that member at.
     #[arg(long, value_parser = parse_peers)]
     peers: Option<std::collections::BTreeMap<String, String>>,
+    /// First start of a node added with `piehole member add`: members to
+    /// learn the cluster from, HOST:PORT[,HOST:PORT...]. Later starts use
+    /// the data dir alone.
+    #[arg(long, value_delimiter = ',')]
+    join: Option<Vec<String>>,
     /// Compatibility mode: etcd v3 endpoints instead of the embedded Raft.
     #[arg(long, value_delimiter = ',')]
     etcd: Option<Vec<String>>,
@@ -101,6 +108,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         etcd_key: a.etcd_key,
         advertise: a.advertise,
         paused: a.paused.then_some(true),
+        join: a.join,
     };
     let env_secret = std::env::var("PIEHOLE_CLUSTER_SECRET")
         .ok()

@@ -46,7 +46,8 @@ fn to_json(s: &pb::StatusReply) -> serde_json::Value {
         "durability": s.durability,
         "groups": s.groups,
         "refs": s.refs,
-        "members": s.members.iter().map(|m| json!({"id": m.id, "addr": m.addr, "reachable": m.reachable})).collect::<Vec<_>>(),
+        "cluster_id": if s.cluster_id.is_empty() { serde_json::Value::Null } else { json!(s.cluster_id) },
+        "members": s.members.iter().map(super::member::member_json).collect::<Vec<_>>(),
         "replicas": s.lag.iter().map(|l| json!({
             "group": l.group,
             "node_id": l.node_id,
@@ -88,8 +89,19 @@ fn print_text(s: &pb::StatusReply) {
         } else {
             "UNREACHABLE"
         };
-        let role = if m.id == s.leader_id { " (leader)" } else { "" };
-        println!("  {} {} {health}{role}", m.id, m.addr);
+        let leader = if m.id == s.leader_id { " (leader)" } else { "" };
+        let role = if m.role.is_empty() || m.role == "voter" {
+            String::new()
+        } else {
+            format!(" {}", m.role)
+        };
+        let health = if m.role == "removed" { "" } else { health };
+        let progress = if m.has_progress {
+            format!(", matched {} (lag {})", m.matched, m.lag)
+        } else {
+            String::new()
+        };
+        println!("  {} {}{role} {health}{leader}{progress}", m.id, m.addr);
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -11,7 +11,9 @@ use piehole_protocol::validate;
 use piehole_repo::Replica;
 use tonic::{Request, Response, Status};
 
+use super::peer::{change_status, member_change};
 use super::{consensus_status, invalid};
+use crate::consensus::raft::bootstrap::cluster_hex;
 use crate::consensus::{Consensus, GroupView, RefUpdate};
 use crate::durability::Durability;
 use crate::peer_client::{self, PeerAuth};
@@ -38,6 +40,30 @@ pub struct LocalService {
 /// What a paused node says to a write.
 const PAUSED: &str = "pushes are paused: this node was started with --paused \
                       (to move the consensus between backends); nothing was changed";
+
+/// Admin operations are for root and the node's own user (issue 10 adds
+/// `--admin-group`). The caller's uid comes from the socket (SO_PEERCRED).
+fn require_admin<T>(req: &Request<T>, what: &str) -> Result<(), Status> {
+    let uid = req
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .map(|cred| cred.uid());
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own = unsafe { libc::geteuid() };
+    match uid {
+        Some(uid) if uid == 0 || uid == own => Ok(()),
+        Some(uid) => {
+            tracing::warn!(uid, what, "admin operation refused");
+            Err(Status::permission_denied(format!(
+                "{what} is for the node's administrators (root or uid {own}); uid {uid} is not one"
+            )))
+        }
+        None => Err(Status::permission_denied(format!(
+            "{what} is for the node's administrators, and the caller's identity is unknown"
+        ))),
+    }
+}
 
 impl LocalService {
     fn refuse_if_paused(&self) -> Result<(), Status> {
@@ -179,6 +205,8 @@ impl Local for LocalService {
         let s = self.consensus.status();
         let (groups, refs) = self.consensus.counts();
         let (mut lag, mut lag_omitted) = self.replicator.lag();
+        // Only the leader knows how far each member's log is.
+        let mut leader_progress = std::collections::BTreeMap::new();
         if req.into_inner().include_peers {
             for (&id, addr) in &self.consensus.peers() {
                 if id == s.node_id {
@@ -192,6 +220,11 @@ impl Local for LocalService {
                     let reply = reply.into_inner();
                     lag.extend(reply.lag);
                     lag_omitted += reply.omitted;
+                    if id == s.leader_id {
+                        for p in reply.progress {
+                            leader_progress.insert(p.id, (p.matched, p.lag));
+                        }
+                    }
                 }
             }
         }
@@ -207,12 +240,24 @@ impl Local for LocalService {
             members: s
                 .members
                 .into_iter()
-                .map(|m| pb::Member {
-                    id: m.id,
-                    addr: m.addr,
-                    reachable: m.reachable,
+                .map(|m| {
+                    let progress = m.progress.or_else(|| leader_progress.get(&m.id).copied());
+                    pb::Member {
+                        id: m.id,
+                        addr: m.addr,
+                        reachable: m.reachable,
+                        role: m.role.to_string(),
+                        has_progress: progress.is_some(),
+                        matched: progress.map_or(0, |p| p.0),
+                        lag: progress.map_or(0, |p| p.1),
+                    }
                 })
                 .collect(),
+            cluster_id: if s.cluster_id == 0 {
+                String::new()
+            } else {
+                cluster_hex(s.cluster_id)
+            },
             groups,
             refs,
             lag,
@@ -335,6 +380,20 @@ impl Local for LocalService {
             .map_err(consensus_status)?;
         self.replicator.nudge(&r.group);
         Ok(Response::new(reply))
+    }
+
+    async fn change_member(
+        &self,
+        req: Request<pb::MemberChangeRequest>,
+    ) -> Result<Response<pb::MemberChangeReply>, Status> {
+        require_admin(&req, "changing the members")?;
+        let change = member_change(req.into_inner())?;
+        tracing::info!(?change, "membership change requested");
+        self.consensus
+            .change_member(change)
+            .await
+            .map_err(change_status)?;
+        Ok(Response::new(pb::MemberChangeReply {}))
     }
 
     async fn clobber(

@@ -1,11 +1,12 @@
 //! The peer API: raft messages in, packs out, status for `piehole status`.
-//! Every call must carry the cluster secret (when one is set) and come from
-//! a known member; anything else is refused and logged.
+//! Every call must carry the cluster secret (when one is set). Every call
+//! but ClusterInfo must also come from a current member of this node's
+//! cluster; anything else is refused and logged.
 
 use std::pin::Pin;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 
-use piehole_protocol::limits::{FROM_HEADER, SECRET_HEADER};
+use piehole_protocol::limits::{CLUSTER_HEADER, FROM_HEADER, SECRET_HEADER};
 use piehole_protocol::pb::{self, peer_server::Peer};
 use piehole_protocol::validate;
 use prost::Message as _;
@@ -14,51 +15,92 @@ use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
 use super::invalid;
-use crate::consensus::raft::DriverMsg;
-use crate::consensus::Consensus;
+use crate::consensus::raft::bootstrap::{cluster_hex, Identity};
+use crate::consensus::raft::{DriverMsg, REMOVED_MARK};
+use crate::consensus::{Consensus, ConsensusError, MemberChange};
 use crate::replicator::Replicator;
 
-pub struct PeerService {
+/// What the peer API serves once consensus runs; until then (a new cluster
+/// bootstrapping) only ClusterInfo is answered.
+pub struct PeerParts {
     /// Where raft messages go; None when etcd holds the consensus.
     pub inbox: Option<mpsc::Sender<DriverMsg>>,
     pub replicator: Arc<Replicator>,
+    pub consensus: Arc<dyn Consensus>,
+}
+
+pub struct PeerService {
+    pub parts: Arc<OnceLock<PeerParts>>,
+    /// The embedded Raft's answer to ClusterInfo; None in etcd mode.
+    pub identity: Option<Arc<Identity>>,
     pub self_id: u64,
 }
 
-/// Checks the secret and the caller's id on every peer call.
+/// Checks the cluster secret on every peer call, before anything else.
 #[derive(Clone)]
 pub struct PeerGate {
     pub secret: Option<Arc<str>>,
-    pub consensus: Arc<dyn Consensus>,
 }
 
 impl tonic::service::Interceptor for PeerGate {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let md = req.metadata();
-        let from = md
-            .get(FROM_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let remote = req.remote_addr();
-        let Some(from) = from.filter(|f| self.consensus.peers().contains_key(f)) else {
-            tracing::warn!(?remote, "peer call from an unknown node refused");
-            return Err(Status::permission_denied("unknown peer"));
-        };
         if let Some(secret) = &self.secret {
-            let given = md
+            let given = req
+                .metadata()
                 .get(SECRET_HEADER)
                 .map(|v| v.as_bytes())
                 .unwrap_or_default();
             if !constant_time_eq(given, secret.as_bytes()) {
                 tracing::warn!(
-                    ?remote,
-                    from,
+                    remote = ?req.remote_addr(),
                     "peer call with a wrong cluster secret refused"
                 );
                 return Err(Status::unauthenticated("wrong cluster secret"));
             }
         }
         Ok(req)
+    }
+}
+
+impl PeerService {
+    /// The running node's parts, if the caller is a current member of our
+    /// cluster. A removed node is told so, and stops.
+    fn member<T>(&self, req: &Request<T>) -> Result<(&PeerParts, u64), Status> {
+        let parts = self
+            .parts
+            .get()
+            .ok_or_else(|| Status::unavailable("this node is still starting"))?;
+        let md = req.metadata();
+        let from = md
+            .get(FROM_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let remote = req.remote_addr();
+        if let Some(ours) = parts.consensus.cluster_id() {
+            let theirs = md.get(CLUSTER_HEADER).and_then(|v| v.to_str().ok());
+            if theirs != Some(cluster_hex(ours).as_str()) {
+                tracing::warn!(?remote, ?from, cluster = ?theirs, "peer call from another cluster refused");
+                return Err(Status::permission_denied(format!(
+                    "this node belongs to cluster {}, not {}",
+                    cluster_hex(ours),
+                    theirs.unwrap_or("(none)")
+                )));
+            }
+        }
+        let Some(from) = from else {
+            return Err(Status::permission_denied("unknown peer"));
+        };
+        if parts.consensus.was_removed(from) {
+            tracing::warn!(?remote, from, "peer call from a removed member refused");
+            return Err(Status::permission_denied(format!(
+                "node {from} {REMOVED_MARK}"
+            )));
+        }
+        if !parts.consensus.peers().contains_key(&from) {
+            tracing::warn!(?remote, from, "peer call from an unknown node refused");
+            return Err(Status::permission_denied("unknown peer"));
+        }
+        Ok((parts, from))
     }
 }
 
@@ -71,13 +113,9 @@ type PackStream = Pin<Box<dyn Stream<Item = Result<pb::PackChunk, Status>> + Sen
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn raft(&self, req: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
-        // The gate admitted the caller by this header; the batch must agree.
-        let caller = req
-            .metadata()
-            .get(FROM_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let Some(inbox) = &self.inbox else {
+        let (parts, caller) = self.member(&req)?;
+        let caller = Some(caller);
+        let Some(inbox) = &parts.inbox else {
             return Err(Status::failed_precondition(
                 "this node keeps its consensus in etcd, not in the embedded Raft",
             ));
@@ -120,6 +158,7 @@ impl Peer for PeerService {
         &self,
         req: Request<pb::FetchPackRequest>,
     ) -> Result<Response<PackStream>, Status> {
+        let (parts, _) = self.member(&req)?;
         let req = req.into_inner();
         validate::group_name(&req.group).map_err(invalid)?;
         if req.wants.is_empty() {
@@ -131,7 +170,7 @@ impl Peer for PeerService {
             }
             validate::object_id(id).map_err(invalid)?;
         }
-        let chunks = self
+        let chunks = parts
             .replicator
             .serve_pack(&req.group, req.wants, req.haves)
             .await
@@ -145,6 +184,7 @@ impl Peer for PeerService {
         &self,
         req: Request<pb::StoreObjectsRequest>,
     ) -> Result<Response<pb::StoreObjectsReply>, Status> {
+        let (parts, _) = self.member(&req)?;
         let req = req.into_inner();
         validate::group_name(&req.group).map_err(invalid)?;
         if req.wants.is_empty() {
@@ -158,7 +198,7 @@ impl Peer for PeerService {
         }
         // Detached: a caller that gave up (its deadline) does not waste the
         // transfer; its next try, or replication, finds the objects here.
-        let replicator = self.replicator.clone();
+        let replicator = parts.replicator.clone();
         let task = tokio::spawn(async move {
             replicator
                 .store_objects(&req.group, req.wants, req.source)
@@ -172,9 +212,98 @@ impl Peer for PeerService {
 
     async fn peer_status(
         &self,
-        _req: Request<pb::PeerStatusRequest>,
+        req: Request<pb::PeerStatusRequest>,
     ) -> Result<Response<pb::PeerStatusReply>, Status> {
-        let (lag, omitted) = self.replicator.lag();
-        Ok(Response::new(pb::PeerStatusReply { lag, omitted }))
+        let (parts, _) = self.member(&req)?;
+        let (lag, omitted) = parts.replicator.lag();
+        let progress = parts
+            .consensus
+            .status()
+            .members
+            .into_iter()
+            .filter_map(|m| {
+                m.progress.map(|(matched, lag)| pb::MemberProgress {
+                    id: m.id,
+                    matched,
+                    lag,
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::PeerStatusReply {
+            lag,
+            omitted,
+            progress,
+        }))
+    }
+
+    async fn cluster_info(
+        &self,
+        _req: Request<pb::ClusterInfoRequest>,
+    ) -> Result<Response<pb::ClusterInfoReply>, Status> {
+        match &self.identity {
+            Some(identity) => identity
+                .info()
+                .map(Response::new)
+                .ok_or_else(|| Status::unavailable("this node is still starting")),
+            None => Err(Status::failed_precondition(
+                "this node keeps its consensus in etcd, not in the embedded Raft",
+            )),
+        }
+    }
+
+    async fn change_member(
+        &self,
+        req: Request<pb::MemberChangeRequest>,
+    ) -> Result<Response<pb::MemberChangeReply>, Status> {
+        let (parts, _) = self.member(&req)?;
+        let change = member_change(req.into_inner())?;
+        parts
+            .consensus
+            .change_member(change)
+            .await
+            .map_err(change_status)?;
+        Ok(Response::new(pb::MemberChangeReply {}))
+    }
+}
+
+/// A membership change as the wire carries it, checked.
+pub fn member_change(req: pb::MemberChangeRequest) -> Result<MemberChange, Status> {
+    if req.node_id == 0 {
+        return Err(Status::invalid_argument("member ids are positive integers"));
+    }
+    match req.kind() {
+        pb::MemberChangeKind::AddLearner => {
+            let addr = req.addr.trim().to_string();
+            let port_ok = addr
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+            if !port_ok {
+                return Err(Status::invalid_argument(format!(
+                    "member address {addr:?} is not HOST:PORT"
+                )));
+            }
+            Ok(MemberChange::Add {
+                id: req.node_id,
+                addr,
+            })
+        }
+        pb::MemberChangeKind::Remove => Ok(MemberChange::Remove { id: req.node_id }),
+        pb::MemberChangeKind::Promote => Err(Status::invalid_argument(
+            "learners are promoted by the leader once they have caught up",
+        )),
+    }
+}
+
+/// How a membership change failed, for a caller across the wire: a refusal
+/// changed nothing; "unavailable" means nothing was proposed; anything else
+/// may still take effect.
+pub fn change_status(e: ConsensusError) -> Status {
+    match e {
+        ConsensusError::Refused(_) => Status::failed_precondition(e.to_string()),
+        ConsensusError::NoQuorum | ConsensusError::OutOfTime | ConsensusError::Unavailable(_) => {
+            Status::unavailable(e.to_string())
+        }
+        ConsensusError::ShuttingDown => Status::unavailable(e.to_string()),
+        _ => Status::aborted(e.to_string()),
     }
 }

@@ -65,6 +65,24 @@ pub struct MemberStatus {
     pub id: u64,
     pub addr: String,
     pub reachable: bool,
+    /// "voter", "learner" or "removed" (embedded Raft); empty in etcd mode.
+    pub role: &'static str,
+    /// (matched index, entries behind the leader's last), as the leader
+    /// sees them; None on a node that does not lead.
+    pub progress: Option<(u64, u64)>,
+}
+
+/// A change of the embedded Raft's members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberChange {
+    /// A new member, as a learner; the leader promotes it once caught up.
+    Add {
+        id: u64,
+        addr: String,
+    },
+    Remove {
+        id: u64,
+    },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -82,6 +100,8 @@ pub struct ClusterStatus {
     pub members: Vec<MemberStatus>,
     /// etcd mode: the store, this node's revision, or why it is unreachable.
     pub store: String,
+    /// Embedded Raft: the cluster's id; 0 in etcd mode.
+    pub cluster_id: u64,
 }
 
 #[async_trait]
@@ -144,8 +164,29 @@ pub trait Consensus: Send + Sync + 'static {
     fn local_group(&self, group: &str) -> Result<GroupView, ConsensusError>;
 
     /// Every piehole node this one knows of, itself included: id -> peer
-    /// API address. Fixed flags in Raft mode, registrations in etcd mode.
+    /// API address. The current members (voters and learners) in Raft
+    /// mode, registrations in etcd mode.
     fn peers(&self) -> BTreeMap<u64, String>;
+
+    /// Adds or removes a member; returns once the change is committed and
+    /// applied. Only the embedded Raft has members to change.
+    async fn change_member(&self, _change: MemberChange) -> Result<(), ConsensusError> {
+        Err(ConsensusError::Refused(
+            "in etcd mode the nodes are whatever registers under the prefix; \
+             there are no members to change"
+                .into(),
+        ))
+    }
+
+    /// Whether `id` was removed from the cluster (its calls are refused).
+    fn was_removed(&self, _id: u64) -> bool {
+        false
+    }
+
+    /// The cluster id peers must present; None when there is none (etcd).
+    fn cluster_id(&self) -> Option<u64> {
+        None
+    }
 
     /// Groups known to this node's applied state.
     fn groups(&self) -> Vec<String>;

@@ -997,6 +997,7 @@ impl Consensus for EtcdConsensus {
                         id,
                         addr,
                         reachable: id == self.id || n.alive,
+                        ..Default::default()
                     })
                 })
                 .collect(),
@@ -1012,6 +1013,7 @@ impl Consensus for EtcdConsensus {
                     self.endpoints, cache.revision
                 ),
             },
+            cluster_id: 0,
         }
     }
 

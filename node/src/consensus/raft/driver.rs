@@ -8,14 +8,28 @@ use std::time::{Duration, Instant};
 
 use piehole_protocol::pb;
 use prost::Message as _;
-use raft::prelude::{Entry, EntryType, Message, Snapshot};
-use raft::{RawNode, SnapshotStatus};
+use raft::prelude::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, Snapshot,
+};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use raft_proto::ConfChangeI as _;
 
+use super::members::MemberBook;
 use super::proposals::Proposals;
 use super::storage::RaftStorage;
 use super::RaftProgress;
 use crate::config::NodeConfig;
-use crate::state::StateMachine;
+use crate::state::{Outcome, StateMachine};
+
+/// A learner is promoted once its log is within this many entries of the
+/// leader's.
+const PROMOTE_WITHIN: u64 = 64;
+/// How often the leader looks for learners to promote.
+const PROMOTE_CHECK_EVERY: Duration = Duration::from_millis(200);
+/// A removed node keeps answering this long, so that the reply to the
+/// removal and the commit index reach the others, and a removed leader has
+/// handed over.
+const LINGER_AFTER_REMOVAL: Duration = Duration::from_secs(2);
 
 pub enum DriverMsg {
     /// An encoded `pb::Command` to append to the log.
@@ -30,6 +44,10 @@ pub enum DriverMsg {
         to: u64,
         ok: bool,
     },
+    /// A membership change to check and propose; on the leader only.
+    ChangeMember(pb::MemberChange),
+    /// A member refused us as removed from the cluster.
+    Removed(String),
 }
 
 pub struct Driver {
@@ -43,6 +61,12 @@ pub struct Driver {
     /// Compact the log once this many entries were applied since the last snapshot point.
     snapshot_interval: u64,
     snapshots_installed: u64,
+    members: Arc<MemberBook>,
+    /// Set once this node was removed: why, and since when.
+    removed: Option<(String, Instant)>,
+    /// A removed leader hands over to this voter, outside Ready handling.
+    hand_over_to: Option<u64>,
+    last_promote_check: Instant,
 }
 
 /// A crash between restoring the state from a snapshot and truncating the
@@ -66,25 +90,12 @@ fn finish_interrupted_snapshot(state: &StateMachine, storage: &RaftStorage) -> a
     Ok(())
 }
 
-/// The member list is fixed when a cluster is first started; a node started
-/// later with a different --peers would silently disagree with the others.
-fn check_membership(config: &NodeConfig, storage: &RaftStorage) -> anyhow::Result<()> {
-    let stored: std::collections::BTreeSet<u64> = storage.voters()?.into_iter().collect();
-    let given: std::collections::BTreeSet<u64> = config.peers.keys().copied().collect();
-    if stored != given {
-        anyhow::bail!(
-            "--peers names members {given:?} but this data dir belongs to a cluster of {stored:?}; \
-             membership changes are not supported"
-        );
-    }
-    Ok(())
-}
-
 impl Driver {
     pub fn new(
         config: &NodeConfig,
         storage: RaftStorage,
         state: Arc<StateMachine>,
+        members: Arc<MemberBook>,
         inbox: mpsc::Receiver<DriverMsg>,
         outbox: Box<dyn Fn(Vec<Message>) + Send>,
         proposals: Arc<Proposals>,
@@ -105,7 +116,6 @@ impl Driver {
         raft_config.validate()?;
         finish_interrupted_snapshot(&state, &storage)?;
         storage.repair(state.applied())?;
-        check_membership(config, &storage)?;
         let raw = RawNode::new(&raft_config, storage, &super::logger::logger())?;
         Ok(Driver {
             raw,
@@ -117,6 +127,10 @@ impl Driver {
             tick: config.tick,
             snapshot_interval: config.snapshot_interval,
             snapshots_installed: 0,
+            members,
+            removed: None,
+            hand_over_to: None,
+            last_promote_check: Instant::now(),
         })
     }
 
@@ -143,7 +157,20 @@ impl Driver {
                 last_tick = Instant::now();
             }
             self.on_ready()?;
+            if let Some(to) = self.hand_over_to.take() {
+                self.raw.transfer_leader(to);
+                self.on_ready()?;
+            }
+            self.maybe_promote();
             self.publish_progress();
+            if let Some((why, since)) = &self.removed {
+                let handed_over = self.raw.raft.state != StateRole::Leader;
+                if since.elapsed() >= LINGER_AFTER_REMOVAL
+                    || (handed_over && since.elapsed() >= LINGER_AFTER_REMOVAL / 4)
+                {
+                    anyhow::bail!("{why}");
+                }
+            }
         }
     }
 
@@ -164,6 +191,12 @@ impl Driver {
                 }
             }
             DriverMsg::Unreachable(id) => self.raw.report_unreachable(id),
+            DriverMsg::ChangeMember(change) => self.propose_change(change),
+            DriverMsg::Removed(why) => {
+                if self.removed.is_none() {
+                    self.removed = Some((removed_message(self.raw.raft.id, &why), Instant::now()));
+                }
+            }
             DriverMsg::SnapshotSent { to, ok } => {
                 let status = if ok {
                     SnapshotStatus::Finish
@@ -222,6 +255,7 @@ impl Driver {
         self.raw.mut_store().apply_snapshot(snap)?;
         self.raw.store().flush()?;
         self.snapshots_installed += 1;
+        self.members.refresh(&self.state)?;
         self.proposals
             .resolve_covered(self.raw.raft.id, &self.state);
         Ok(())
@@ -229,7 +263,14 @@ impl Driver {
 
     fn apply(&mut self, entries: Vec<Entry>) -> anyhow::Result<()> {
         for entry in entries {
-            if entry.data.is_empty() || entry.get_entry_type() != EntryType::EntryNormal {
+            if matches!(
+                entry.get_entry_type(),
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2
+            ) {
+                self.apply_conf_change(&entry)?;
+                continue;
+            }
+            if entry.data.is_empty() {
                 self.state.skip(entry.index)?;
                 continue;
             }
@@ -247,6 +288,240 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// Checks a membership change against the configuration and the
+    /// members, and proposes it; a refusal goes straight back to the caller.
+    fn propose_change(&mut self, change: pb::MemberChange) {
+        let request_id = change.request_id;
+        let refused = if self.raw.raft.state != StateRole::Leader {
+            Some("this node is no longer the leader; nothing was changed, try again".to_string())
+        } else if self.raw.raft.has_pending_conf() {
+            Some(
+                "another membership change is still being applied; nothing was changed, \
+                 try again in a moment"
+                    .to_string(),
+            )
+        } else {
+            self.refusal(&change)
+                .and_then(|()| self.leaves_a_live_majority(&change))
+                .err()
+        };
+        if let Some(why) = refused {
+            self.proposals.resolve(request_id, Outcome::Refused(why));
+            return;
+        }
+        let cc = conf_change_of(&change);
+        if let Err(e) = self.raw.propose_conf_change(change.encode_to_vec(), cc) {
+            self.proposals.resolve(
+                request_id,
+                Outcome::Refused(format!(
+                    "the change was not proposed ({e}); nothing was changed"
+                )),
+            );
+        }
+    }
+
+    /// Whether `change` may apply to the current members. Deterministic:
+    /// every node decides the same when it applies the entry.
+    fn refusal(&self, change: &pb::MemberChange) -> Result<(), String> {
+        let id = change.node_id;
+        let conf = self.raw.raft.prs().conf();
+        let is_voter = conf.voters().contains(id);
+        let is_learner = conf.learners().contains(&id);
+        match change.kind() {
+            pb::MemberChangeKind::AddLearner => {
+                if self.members.is_removed(id) {
+                    return Err(format!(
+                        "node {id} was removed from the cluster, and ids are never reused: \
+                         add the host under a new id"
+                    ));
+                }
+                if self.members.contains(id) || is_voter || is_learner {
+                    return Err(format!("node {id} is already a member"));
+                }
+                if id == 0 {
+                    return Err("member ids are positive integers".into());
+                }
+                if !change.addr.contains(':') {
+                    return Err(format!("{:?} is not HOST:PORT", change.addr));
+                }
+            }
+            pb::MemberChangeKind::Promote => {
+                if !is_learner {
+                    return Err(format!("node {id} is not a learner"));
+                }
+            }
+            pb::MemberChangeKind::Remove => {
+                if !is_voter && !is_learner {
+                    return Err(format!("node {id} is not a member"));
+                }
+                if is_voter && conf.voters().ids().len() == 1 {
+                    return Err(format!("node {id} is the last voter; it cannot be removed"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A removal must leave a majority of the remaining voters reachable, or
+    /// the cluster would stop at once (removing a live node while another
+    /// is down). Checked on the leader before proposing, not when applying:
+    /// reachability is not the same on every node.
+    fn leaves_a_live_majority(&self, change: &pb::MemberChange) -> Result<(), String> {
+        if change.kind() != pb::MemberChangeKind::Remove {
+            return Ok(());
+        }
+        let raft = &self.raw.raft;
+        let prs = raft.prs();
+        let remaining: Vec<u64> = prs
+            .conf()
+            .voters()
+            .ids()
+            .iter()
+            .filter(|&v| v != change.node_id)
+            .collect();
+        let live: Vec<u64> = remaining
+            .iter()
+            .copied()
+            .filter(|&v| v == raft.id || prs.get(v).is_some_and(|p| p.recent_active))
+            .collect();
+        if live.len() * 2 <= remaining.len() {
+            return Err(format!(
+                "removing node {} would leave voters {remaining:?}, of which only {live:?} \
+                 answer: not a majority; nothing was changed (bring a member back first)",
+                change.node_id
+            ));
+        }
+        Ok(())
+    }
+
+    /// A committed configuration change: raft's configuration first, then
+    /// the state (addresses, tombstones, replicas), then who is told.
+    fn apply_conf_change(&mut self, entry: &Entry) -> anyhow::Result<()> {
+        let cc = match entry.get_entry_type() {
+            EntryType::EntryConfChange => {
+                let mut v1 = ConfChange::default();
+                protobuf::Message::merge_from_bytes(&mut v1, &entry.data)?;
+                v1.into_v2()
+            }
+            _ => {
+                let mut v2 = ConfChangeV2::default();
+                protobuf::Message::merge_from_bytes(&mut v2, &entry.data)?;
+                v2
+            }
+        };
+        let change = match pb::MemberChange::decode(&entry.context[..]) {
+            Ok(c) if conf_change_of(&c) == cc => c,
+            _ => {
+                tracing::error!(
+                    index = entry.index,
+                    "configuration entry without its change skipped"
+                );
+                self.state.skip(entry.index)?;
+                return Ok(());
+            }
+        };
+        let outcome = match self.refusal(&change) {
+            Err(why) => Outcome::Refused(format!("{why}; nothing was changed")),
+            Ok(()) => match self.raw.apply_conf_change(&cc) {
+                Err(e) => Outcome::Refused(format!(
+                    "raft refused the change ({e}); nothing was changed"
+                )),
+                Ok(cs) => {
+                    self.raw.store().set_conf_state(&cs)?;
+                    self.state.apply_member_change(entry.index, &change)?;
+                    self.members.refresh(&self.state)?;
+                    tracing::info!(
+                        index = entry.index,
+                        change = ?change.kind(),
+                        node = change.node_id,
+                        voters = ?cs.voters,
+                        learners = ?cs.learners,
+                        "membership changed"
+                    );
+                    self.on_member_changed(&change);
+                    Outcome::Done
+                }
+            },
+        };
+        if matches!(outcome, Outcome::Refused(_)) {
+            self.state.skip(entry.index)?;
+        }
+        if change.origin_node == self.raw.raft.id {
+            self.proposals.resolve(change.request_id, outcome);
+        }
+        Ok(())
+    }
+
+    fn on_member_changed(&mut self, change: &pb::MemberChange) {
+        let me = self.raw.raft.id;
+        if change.kind() != pb::MemberChangeKind::Remove || change.node_id != me {
+            return;
+        }
+        if self.raw.raft.state == StateRole::Leader {
+            // Hand over to the voter furthest along, so the others need not
+            // wait out an election timeout.
+            let best = self
+                .raw
+                .raft
+                .prs()
+                .iter()
+                .filter(|(id, _)| **id != me && self.raw.raft.prs().conf().voters().contains(**id))
+                .max_by_key(|(_, pr)| pr.matched)
+                .map(|(id, _)| *id);
+            self.hand_over_to = best;
+        }
+        self.removed = Some((
+            removed_message(me, "this node applied its own removal"),
+            Instant::now(),
+        ));
+    }
+
+    /// The leader promotes a learner that has caught up, if the cluster
+    /// would still have a reachable majority with it as a voter.
+    fn maybe_promote(&mut self) {
+        if self.last_promote_check.elapsed() < PROMOTE_CHECK_EVERY {
+            return;
+        }
+        self.last_promote_check = Instant::now();
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader || raft.has_pending_conf() || self.removed.is_some() {
+            return;
+        }
+        let last = raft.raft_log.last_index();
+        let prs = raft.prs();
+        let conf = prs.conf();
+        let voters: Vec<u64> = conf.voters().ids().iter().collect();
+        let active_voters = voters
+            .iter()
+            .filter(|&&v| v == raft.id || prs.get(v).is_some_and(|p| p.recent_active))
+            .count();
+        let ready = conf.learners().iter().copied().find(|&l| {
+            prs.get(l)
+                .is_some_and(|p| p.recent_active && p.matched + PROMOTE_WITHIN >= last)
+        });
+        let Some(learner) = ready else { return };
+        if (active_voters + 1) * 2 <= voters.len() + 1 {
+            return;
+        }
+        let change = pb::MemberChange {
+            origin_node: raft.id,
+            request_id: 0,
+            kind: pb::MemberChangeKind::Promote as i32,
+            node_id: learner,
+            addr: String::new(),
+        };
+        tracing::info!(
+            node = learner,
+            matched = prs.get(learner).map(|p| p.matched),
+            last,
+            "promoting a learner that caught up"
+        );
+        let cc = conf_change_of(&change);
+        if let Err(e) = self.raw.propose_conf_change(change.encode_to_vec(), cc) {
+            tracing::debug!(error = %e, "promotion not proposed");
+        }
     }
 
     fn maybe_compact(&mut self) -> anyhow::Result<()> {
@@ -276,7 +551,42 @@ impl Driver {
             first_log_index: store.first_index_now().unwrap_or(0),
             snapshot_index: store.snapshot_metadata().map(|m| m.index).unwrap_or(0),
             snapshots_installed: self.snapshots_installed,
+            voters: raft.prs().conf().voters().ids().iter().collect(),
+            learners: raft.prs().conf().learners().iter().copied().collect(),
+            last_index: raft.raft_log.last_index(),
+            matched: if raft.state == StateRole::Leader {
+                raft.prs()
+                    .iter()
+                    .map(|(&id, pr)| (id, pr.matched))
+                    .collect()
+            } else {
+                Default::default()
+            },
         };
         *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
     }
+}
+
+fn removed_message(id: u64, why: &str) -> String {
+    format!(
+        "node {id} was removed from the cluster ({why}); its data dir is no longer used: \
+         delete it, and `piehole member add` this host under a new id to bring it back"
+    )
+}
+
+/// The raft change a membership change stands for: one step each, so no
+/// joint configuration is ever needed (adding a learner does not change the
+/// quorum; a promotion or a removal changes it by one voter).
+fn conf_change_of(change: &pb::MemberChange) -> ConfChangeV2 {
+    let change_type = match change.kind() {
+        pb::MemberChangeKind::AddLearner => ConfChangeType::AddLearnerNode,
+        pb::MemberChangeKind::Promote => ConfChangeType::AddNode,
+        pb::MemberChangeKind::Remove => ConfChangeType::RemoveNode,
+    };
+    let mut single = ConfChangeSingle::default();
+    single.set_change_type(change_type);
+    single.node_id = change.node_id;
+    let mut cc = ConfChangeV2::default();
+    cc.set_changes(vec![single].into());
+    cc
 }

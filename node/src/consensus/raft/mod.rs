@@ -11,8 +11,10 @@
 //! its term may have discarded it). The state machine answers a second copy
 //! without applying it.
 
+pub mod bootstrap;
 mod driver;
 mod logger;
+mod members;
 mod proposals;
 pub mod storage;
 mod transport;
@@ -27,14 +29,17 @@ use piehole_protocol::pb::{self, command::Op};
 use prost::Message as _;
 use tokio::sync::broadcast;
 
-use super::{ClusterStatus, Consensus, ConsensusError, GroupView, RefOutcome, RefUpdate};
+use super::{
+    ClusterStatus, Consensus, ConsensusError, GroupView, MemberChange, RefOutcome, RefUpdate,
+};
 use crate::config::NodeConfig;
-use crate::peer_client::PeerAuth;
+use crate::peer_client::{self, PeerAuth};
 use crate::state::{Outcome, StateMachine};
 
 pub use driver::DriverMsg;
+pub use members::MemberBook;
 use proposals::Proposals;
-pub use transport::PeerHealth;
+pub use transport::{PeerHealth, REMOVED_MARK};
 
 /// After this long without a reachable majority a proposal fails with
 /// "no quorum" rather than waiting out the whole bound.
@@ -54,6 +59,11 @@ pub struct RaftProgress {
     pub first_log_index: u64,
     pub snapshot_index: u64,
     pub snapshots_installed: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// The leader's last log index; with `matched`, only on the leader.
+    pub last_index: u64,
+    pub matched: BTreeMap<u64, u64>,
 }
 
 pub struct Started {
@@ -66,7 +76,9 @@ pub struct Started {
 
 pub struct RaftConsensus {
     id: u64,
-    peers: BTreeMap<u64, String>,
+    cluster_id: u64,
+    members: Arc<MemberBook>,
+    auth: PeerAuth,
     inbox: mpsc::Sender<DriverMsg>,
     proposals: Arc<Proposals>,
     state: Arc<StateMachine>,
@@ -80,31 +92,33 @@ pub struct RaftConsensus {
 }
 
 impl RaftConsensus {
-    /// Opens the log and state in `db`, starts the driver thread and the peer
-    /// senders.
+    /// Starts the driver thread and the peer senders on a data dir that
+    /// belongs to cluster `cluster_id` (see [`bootstrap::establish`]).
     pub fn start(
         config: &NodeConfig,
-        disk: Arc<crate::disk::Disk>,
+        storage: storage::RaftStorage,
         state: Arc<StateMachine>,
         auth: PeerAuth,
+        cluster_id: u64,
     ) -> anyhow::Result<Started> {
         let (inbox_tx, inbox_rx) = mpsc::channel();
         let health = Arc::new(PeerHealth::default());
         let proposals: Arc<Proposals> = Arc::default();
+        let members = Arc::new(MemberBook::new(config, &state)?);
         let outbox = transport::start(
-            config,
-            auth,
+            config.id,
+            members.clone(),
+            auth.clone(),
             health.clone(),
             proposals.clone(),
             inbox_tx.clone(),
         );
         let progress: Arc<Mutex<RaftProgress>> = Arc::default();
-        let voters: Vec<u64> = config.peers.keys().copied().collect();
-        let storage = storage::RaftStorage::open(disk, state.clone(), &voters)?;
         let driver = driver::Driver::new(
             config,
             storage,
             state.clone(),
+            members.clone(),
             inbox_rx,
             outbox,
             proposals.clone(),
@@ -116,7 +130,9 @@ impl RaftConsensus {
             .spawn(move || driver.run())?;
         let consensus = Arc::new(RaftConsensus {
             id: config.id,
-            peers: config.peers.clone(),
+            cluster_id,
+            members,
+            auth,
             inbox: inbox_tx.clone(),
             proposals,
             state,
@@ -133,13 +149,34 @@ impl RaftConsensus {
         })
     }
 
+    /// A membership change carried out here, on the leader: the driver
+    /// checks it against the configuration and proposes it.
+    async fn change_on_leader(&self, change: pb::MemberChange) -> Result<(), ConsensusError> {
+        let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let change = pb::MemberChange {
+            origin_node: self.id,
+            request_id,
+            ..change
+        };
+        let waiting = self.proposals.register(request_id);
+        let _forget = Forget(&self.proposals, request_id);
+        if self.inbox.send(DriverMsg::ChangeMember(change)).is_err() {
+            return Err(ConsensusError::ShuttingDown);
+        }
+        match tokio::time::timeout(self.request_timeout, waiting.outcome).await {
+            Ok(Ok(outcome)) => done(outcome),
+            Ok(Err(_)) => Err(ConsensusError::ShuttingDown),
+            Err(_) => Err(ConsensusError::TimedOut),
+        }
+    }
+
     fn quorum_reachable(&self) -> bool {
-        let reachable = 1 + self
-            .peers
-            .keys()
-            .filter(|&&p| p != self.id && self.health.reachable(p))
+        let voters = self.progress().voters;
+        let reachable = voters
+            .iter()
+            .filter(|&&p| p == self.id || self.health.reachable(p))
             .count();
-        reachable * 2 > self.peers.len()
+        reachable * 2 > voters.len()
     }
 
     /// Proposes `op` and waits until this node has applied it.
@@ -240,6 +277,50 @@ impl RaftConsensus {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+impl RaftConsensus {
+    fn removed_self(&self) -> bool {
+        self.members.is_removed(self.id)
+    }
+
+    /// A follower hands a membership change to the leader, which alone
+    /// knows whether another change is still in flight.
+    async fn forward_change(
+        &self,
+        leader: u64,
+        change: pb::MemberChange,
+    ) -> Result<(), ConsensusError> {
+        let Some(addr) = self.members.addr(leader) else {
+            return Err(ConsensusError::NoQuorum);
+        };
+        let mut client = peer_client::connect(&addr, &self.auth)
+            .map_err(|e| ConsensusError::Unavailable(format!("cannot reach the leader: {e}")))?;
+        let req = pb::MemberChangeRequest {
+            kind: change.kind,
+            node_id: change.node_id,
+            addr: change.addr,
+        };
+        // The leader's own bound, and a margin for the hop.
+        let bound = self.request_timeout + Duration::from_secs(1);
+        match tokio::time::timeout(bound, client.change_member(req)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                Err(ConsensusError::Refused(status.message().to_string()))
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                Err(ConsensusError::Unavailable(format!(
+                    "the leader (node {leader}) could not be reached: {}",
+                    status.message()
+                )))
+            }
+            Ok(Err(status)) => Err(ConsensusError::Uncertain(format!(
+                "the leader (node {leader}) answered: {}",
+                status.message()
+            ))),
+            Err(_) => Err(ConsensusError::TimedOut),
+        }
     }
 }
 
@@ -357,7 +438,52 @@ impl Consensus for RaftConsensus {
     }
 
     fn peers(&self) -> BTreeMap<u64, String> {
-        self.peers.clone()
+        self.members.current()
+    }
+
+    async fn change_member(&self, change: MemberChange) -> Result<(), ConsensusError> {
+        let change = match change {
+            MemberChange::Add { id, addr } => pb::MemberChange {
+                kind: pb::MemberChangeKind::AddLearner as i32,
+                node_id: id,
+                addr,
+                ..Default::default()
+            },
+            MemberChange::Remove { id } => pb::MemberChange {
+                kind: pb::MemberChangeKind::Remove as i32,
+                node_id: id,
+                ..Default::default()
+            },
+        };
+        // Right after a leader was removed the others may still name it for
+        // a moment: wait for a leader that is a member, within the bound.
+        let start = Instant::now();
+        loop {
+            let leader = self.progress().leader_id;
+            if leader == self.id && self.removed_self() {
+                return Err(ConsensusError::Refused(
+                    "this node was removed from the cluster; ask another member".into(),
+                ));
+            }
+            if leader == self.id {
+                return self.change_on_leader(change).await;
+            }
+            if leader != 0 && self.members.addr(leader).is_some() {
+                return self.forward_change(leader, change).await;
+            }
+            if start.elapsed() >= NO_QUORUM_AFTER.max(self.request_timeout / 2) {
+                return Err(ConsensusError::NoQuorum);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    fn was_removed(&self, id: u64) -> bool {
+        self.members.is_removed(id)
+    }
+
+    fn cluster_id(&self) -> Option<u64> {
+        Some(self.cluster_id)
     }
 
     fn groups(&self) -> Vec<String> {
@@ -399,15 +525,31 @@ impl Consensus for RaftConsensus {
             snapshot_index: p.snapshot_index,
             snapshots_installed: p.snapshots_installed,
             members: self
-                .peers
-                .iter()
-                .map(|(&id, addr)| super::MemberStatus {
-                    id,
-                    addr: addr.clone(),
-                    reachable: id == self.id || self.health.reachable(id),
+                .members
+                .all()
+                .into_iter()
+                .map(|(id, addr, removed)| {
+                    let role = if removed {
+                        "removed"
+                    } else if p.voters.contains(&id) {
+                        "voter"
+                    } else {
+                        "learner"
+                    };
+                    super::MemberStatus {
+                        id,
+                        addr,
+                        reachable: !removed && (id == self.id || self.health.reachable(id)),
+                        role,
+                        progress: p
+                            .matched
+                            .get(&id)
+                            .map(|&m| (m, p.last_index.saturating_sub(m))),
+                    }
                 })
                 .collect(),
             store: String::new(),
+            cluster_id: self.cluster_id,
         }
     }
 }

@@ -11,6 +11,8 @@ use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
+use piehole_protocol::pb;
+
 use crate::disk::Disk;
 use crate::state::StateMachine;
 
@@ -18,8 +20,14 @@ const HARD_STATE: &[u8] = b"hard_state";
 /// The layout of the log's entries and the state machine, as this version
 /// writes them; a data dir of another (or no recorded) format is refused.
 const FORMAT: &[u8] = b"format";
-const CURRENT_FORMAT: u64 = 2;
+const CURRENT_FORMAT: u64 = 3;
 const CONF_STATE: &[u8] = b"conf_state";
+/// Written last when a data dir is bootstrapped or joins: from then on it
+/// belongs to that cluster.
+const CLUSTER_ID: &[u8] = b"cluster_id";
+const FOUNDERS: &[u8] = b"founders";
+/// Before bootstrap: this node's random contribution to the handshake.
+const NONCE: &[u8] = b"bootstrap_nonce";
 const SNAPSHOT_META: &[u8] = b"snapshot_meta";
 
 pub struct RaftStorage {
@@ -40,10 +48,10 @@ fn decode<M: protobuf::Message>(bytes: &[u8]) -> raft::Result<M> {
 }
 
 impl RaftStorage {
-    /// Opens the log in `db`. A fresh log is initialised with `voters` as the
-    /// configuration, so every member of a new cluster starts from the same
-    /// state and no bootstrap step is needed.
-    pub fn open(disk: Arc<Disk>, state: Arc<StateMachine>, voters: &[u64]) -> anyhow::Result<Self> {
+    /// Opens the log in `disk`. A data dir of another format is refused; an
+    /// empty one stays empty until [`RaftStorage::bootstrap`] or
+    /// [`RaftStorage::join`] records which cluster it belongs to.
+    pub fn open(disk: Arc<Disk>, state: Arc<StateMachine>) -> anyhow::Result<Self> {
         let storage = RaftStorage {
             log: disk.db().open_tree("raft_log")?,
             meta: disk.db().open_tree("raft_meta")?,
@@ -51,15 +59,7 @@ impl RaftStorage {
             state,
         };
         match (storage.meta.get(CONF_STATE)?, storage.meta.get(FORMAT)?) {
-            (None, _) => {
-                let cs = ConfState {
-                    voters: voters.to_vec(),
-                    ..Default::default()
-                };
-                storage.meta.insert(CONF_STATE, cs.write_to_bytes()?)?;
-                storage.meta.insert(FORMAT, &CURRENT_FORMAT.to_be_bytes())?;
-                storage.flush()?;
-            }
+            (None, _) => {}
             (Some(_), Some(f)) if f.as_ref() == CURRENT_FORMAT.to_be_bytes() => {}
             (Some(_), _) => anyhow::bail!(
                 "this data dir was written by an earlier piehole, whose log this version \
@@ -68,6 +68,83 @@ impl RaftStorage {
             ),
         }
         Ok(storage)
+    }
+
+    /// The cluster this data dir belongs to; None before bootstrap or join.
+    pub fn cluster_id(&self) -> anyhow::Result<Option<u64>> {
+        Ok(self.meta.get(CLUSTER_ID)?.map(|b| be_u64(&b)))
+    }
+
+    /// The founding members recorded at bootstrap (or learned at join).
+    pub fn founders(&self) -> anyhow::Result<Vec<pb::Founder>> {
+        match self.meta.get(FOUNDERS)? {
+            Some(b) => {
+                Ok(prost::Message::decode(b.as_ref()).map(|r: pb::ClusterInfoReply| r.founders)?)
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// This node's bootstrap nonce, created (and made durable) on first use:
+    /// it must never change once a peer may have seen it.
+    pub fn bootstrap_nonce(&self) -> anyhow::Result<u64> {
+        if let Some(b) = self.meta.get(NONCE)? {
+            return Ok(be_u64(&b));
+        }
+        let nonce = rand::random::<u64>().max(1);
+        self.meta.insert(NONCE, &nonce.to_be_bytes())?;
+        self.flush()?;
+        Ok(nonce)
+    }
+
+    /// Records a new cluster: the founders are its voters, and the log
+    /// starts after a snapshot point at index 1, so that a member added
+    /// later (with an empty log) is always brought in by a snapshot, which
+    /// carries the configuration.
+    pub fn bootstrap(&self, cluster_id: u64, founders: &[pb::Founder]) -> anyhow::Result<()> {
+        let cs = ConfState {
+            voters: founders.iter().map(|f| f.id).collect(),
+            ..Default::default()
+        };
+        let mut meta = SnapshotMetadata {
+            index: 1,
+            term: 1,
+            ..Default::default()
+        };
+        meta.set_conf_state(cs.clone());
+        let hs = HardState {
+            term: 1,
+            commit: 1,
+            ..Default::default()
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(CONF_STATE, cs.write_to_bytes()?);
+        batch.insert(SNAPSHOT_META, meta.write_to_bytes()?);
+        batch.insert(HARD_STATE, hs.write_to_bytes()?);
+        self.record_identity(&mut batch, cluster_id, founders);
+        self.meta.apply_batch(batch)?;
+        self.flush()
+    }
+
+    /// Records the cluster a node added by `member add` joins: no voters
+    /// and an empty log until the leader's snapshot brings both.
+    pub fn join(&self, cluster_id: u64, founders: &[pb::Founder]) -> anyhow::Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.insert(CONF_STATE, ConfState::default().write_to_bytes()?);
+        self.record_identity(&mut batch, cluster_id, founders);
+        self.meta.apply_batch(batch)?;
+        self.flush()
+    }
+
+    fn record_identity(&self, batch: &mut sled::Batch, cluster_id: u64, founders: &[pb::Founder]) {
+        use prost::Message as _;
+        let founders = pb::ClusterInfoReply {
+            founders: founders.to_vec(),
+            ..Default::default()
+        };
+        batch.insert(FOUNDERS, founders.encode_to_vec());
+        batch.insert(FORMAT, &CURRENT_FORMAT.to_be_bytes());
+        batch.insert(CLUSTER_ID, &cluster_id.to_be_bytes());
     }
 
     /// Makes everything written so far durable (fsync, not only sled's flush).
@@ -82,11 +159,15 @@ impl RaftStorage {
         }
     }
 
-    pub fn voters(&self) -> raft::Result<Vec<u64>> {
-        Ok(self.conf_state()?.voters)
+    /// Stored when a configuration change is applied, before the state
+    /// machine records it: replaying the change after a crash is harmless.
+    pub fn set_conf_state(&self, cs: &ConfState) -> raft::Result<()> {
+        let bytes = cs.write_to_bytes().map_err(store_err)?;
+        self.meta.insert(CONF_STATE, bytes).map_err(store_err)?;
+        Ok(())
     }
 
-    fn conf_state(&self) -> raft::Result<ConfState> {
+    pub fn conf_state(&self) -> raft::Result<ConfState> {
         match self.meta.get(CONF_STATE).map_err(store_err)? {
             Some(b) => decode(&b),
             None => Ok(ConfState::default()),
@@ -254,6 +335,10 @@ impl RaftStorage {
     }
 }
 
+fn be_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))
+}
+
 fn index_of(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&key[..8]);
@@ -334,7 +419,16 @@ mod tests {
     fn open(dir: &tempfile::TempDir) -> RaftStorage {
         let disk = Arc::new(Disk::open(&dir.path().join("db")).unwrap());
         let state = Arc::new(StateMachine::open(disk.clone()).unwrap());
-        RaftStorage::open(disk, state, &[1, 2, 3]).unwrap()
+        let s = RaftStorage::open(disk, state).unwrap();
+        let founders: Vec<pb::Founder> = (1..=3)
+            .map(|id| pb::Founder {
+                id,
+                nonce: id,
+                addr: String::new(),
+            })
+            .collect();
+        s.bootstrap(7, &founders).unwrap();
+        s
     }
 
     #[test]
@@ -347,7 +441,7 @@ mod tests {
         drop(s);
         let disk = Arc::new(Disk::open(&dir.path().join("db")).unwrap());
         let state = Arc::new(StateMachine::open(disk.clone()).unwrap());
-        let e = RaftStorage::open(disk, state, &[1, 2, 3]).err().unwrap();
+        let e = RaftStorage::open(disk, state).err().unwrap();
         assert!(e.to_string().contains("earlier piehole"), "{e}");
     }
 

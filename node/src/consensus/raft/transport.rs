@@ -17,10 +17,13 @@ use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use super::members::MemberBook;
 use super::proposals::Proposals;
 use super::DriverMsg;
-use crate::config::NodeConfig;
 use crate::peer_client::{self, PeerAuth};
+
+/// In the refusal a member sends to a node the cluster removed.
+pub const REMOVED_MARK: &str = "was removed from the cluster";
 
 /// A peer counts as reachable if a call to it succeeded this recently.
 const REACHABLE_FOR: Duration = Duration::from_secs(3);
@@ -65,39 +68,85 @@ impl PeerHealth {
     }
 }
 
-/// Starts the senders; returns the function the driver hands outgoing messages to.
+/// Starts a sender per member; returns the function the driver hands
+/// outgoing messages to. Members added or removed later get (or lose) a
+/// sender as soon as the book changes.
 pub fn start(
-    config: &NodeConfig,
+    self_id: u64,
+    members: Arc<MemberBook>,
     auth: PeerAuth,
     health: Arc<PeerHealth>,
     proposals: Arc<Proposals>,
     inbox: mpsc::Sender<DriverMsg>,
 ) -> Box<dyn Fn(Vec<Message>) + Send> {
-    let mut queues: HashMap<u64, UnboundedSender<Message>> = HashMap::new();
-    for (&id, addr) in &config.peers {
-        if id == config.id {
-            continue;
-        }
-        let (tx, rx) = unbounded_channel();
-        queues.insert(id, tx);
-        let sender = PeerSender {
-            from: config.id,
-            to: id,
-            addr: addr.clone(),
-            auth: auth.clone(),
-            inbox: inbox.clone(),
-            health: health.clone(),
-            proposals: proposals.clone(),
-        };
-        tokio::spawn(sender.run(rx));
-    }
+    let senders = Mutex::new(Senders {
+        self_id,
+        members,
+        auth,
+        health,
+        proposals,
+        inbox,
+        queues: HashMap::new(),
+        synced_at: None,
+        runtime: tokio::runtime::Handle::current(),
+    });
+    senders.lock().unwrap_or_else(|e| e.into_inner()).sync();
     Box::new(move |msgs: Vec<Message>| {
+        let mut senders = senders.lock().unwrap_or_else(|e| e.into_inner());
+        senders.sync();
         for m in msgs {
-            if let Some(q) = queues.get(&m.to) {
+            if let Some((_, q)) = senders.queues.get(&m.to) {
                 let _ = q.send(m);
             }
         }
     })
+}
+
+struct Senders {
+    self_id: u64,
+    members: Arc<MemberBook>,
+    auth: PeerAuth,
+    health: Arc<PeerHealth>,
+    proposals: Arc<Proposals>,
+    inbox: mpsc::Sender<DriverMsg>,
+    /// member id -> (address its sender dials, queue)
+    queues: HashMap<u64, (String, UnboundedSender<Message>)>,
+    synced_at: Option<u64>,
+    /// The driver calls from its own thread, outside the runtime.
+    runtime: tokio::runtime::Handle,
+}
+
+impl Senders {
+    /// One sender per current member other than us, each dialing the
+    /// member's current address; a dropped queue ends its sender.
+    fn sync(&mut self) {
+        let generation = self.members.generation();
+        if self.synced_at == Some(generation) {
+            return;
+        }
+        self.synced_at = Some(generation);
+        let mut current = self.members.current();
+        current.remove(&self.self_id);
+        self.queues
+            .retain(|id, (addr, _)| current.get(id).is_some_and(|a| a == addr));
+        for (id, addr) in current {
+            if self.queues.contains_key(&id) {
+                continue;
+            }
+            let (tx, rx) = unbounded_channel();
+            self.queues.insert(id, (addr.clone(), tx));
+            let sender = PeerSender {
+                from: self.self_id,
+                to: id,
+                addr,
+                auth: self.auth.clone(),
+                inbox: self.inbox.clone(),
+                health: self.health.clone(),
+                proposals: self.proposals.clone(),
+            };
+            self.runtime.spawn(sender.run(rx));
+        }
+    }
 }
 
 struct PeerSender {
@@ -149,7 +198,17 @@ impl PeerSender {
             };
             let result = match tokio::time::timeout(deadline, client.raft(req)).await {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err(status)) => Err(status.message().to_string()),
+                Ok(Err(status)) => {
+                    if status.code() == tonic::Code::PermissionDenied
+                        && status.message().contains(REMOVED_MARK)
+                    {
+                        // The cluster removed us while we were away.
+                        let _ = self
+                            .inbox
+                            .send(DriverMsg::Removed(status.message().to_string()));
+                    }
+                    Err(status.message().to_string())
+                }
                 Err(_) => Err(format!("no answer within {deadline:?}")),
             };
             match result {
