@@ -322,6 +322,171 @@ fn removing_the_current_leader_completes_and_the_others_elect_a_new_leader() {
     assert_eq!(c.cas_ok(rest[1], "g", MAIN, &oid(1), &oid(2)), oid(2));
 }
 
+/// The leader is removed while a pusher pushes to a replica of another
+/// node. The leader hands over first (raft-rs cannot go on leading a
+/// configuration it is not in), so it never panics: it exits with the
+/// removal message once it applied the change as a follower. The others
+/// elect a leader, the pusher sees only documented retries, and nothing
+/// acknowledged is lost.
+#[test]
+fn removing_the_leader_while_pushes_run_hands_over_and_loses_no_push() {
+    let c = Cluster::start_with(3, ARGS);
+    let old = c.wait_leader();
+    let rest: Vec<u64> = c.ids().into_iter().filter(|&id| id != old).collect();
+    let reps = git::replicas(&c, GROUP);
+    let kept: Vec<PathBuf> = rest
+        .iter()
+        .map(|&id| reps[(id - 1) as usize].clone())
+        .collect();
+    let pusher = Pusher::start(&c, &kept[0]);
+    pusher.wait_for_more(3, "pushes before the leader is removed");
+
+    member_change_ok(&format!("member remove {old} (the leader)"), || {
+        c.member_remove(rest[0], old)
+    });
+    leader_among(&c, &rest, ELECTION_BOUND);
+    poll_until(&format!("the removed leader {old} exits"), REFUSAL, || {
+        (!c.is_running(old)).then_some(())
+    });
+    let log = c.log(old);
+    assert!(
+        !log.contains("panicked") && !log.contains("internal error"),
+        "the removed leader must stop cleanly: {}",
+        tail(&c.node(old).log_path(), 3000)
+    );
+    assert!(log.contains("was removed from the cluster"), "{log}");
+    pusher.wait_for_more(3, "pushes after the leader was removed");
+    let acks = pusher.stop();
+    acks.assert_failures_within(RETRY);
+    wait_replicas_hold_consensus(&c, rest[0], &kept);
+    assert_acks_kept(&kept, &acks.acked);
+}
+
+/// The leader is removed while writes are proposed through it without a
+/// pause: raft-rs would need the removed leader's own progress for the
+/// entries it appends meanwhile. It hands over instead, and stops cleanly
+/// (no panic), with the removal message.
+#[test]
+fn removing_the_leader_while_it_takes_writes_stops_it_cleanly() {
+    let c = Cluster::start_with(3, ARGS);
+    let old = c.wait_leader();
+    let rest: Vec<u64> = c.ids().into_iter().filter(|&id| id != old).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let sock = c.socket(old);
+        std::thread::spawn(move || {
+            let rt = runtime();
+            rt.block_on(async {
+                let Ok(mut client) = piehole_client::LocalClient::connect(&sock).await else {
+                    return 0;
+                };
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let name = format!("refs/heads/w{n}");
+                    if client
+                        .cas("g", &name, None, Some(&oid(n + 1)))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    n += 1;
+                }
+                n
+            })
+        })
+    };
+    poll_until("writes go through the leader", PUSHES_GO_ON, || {
+        (c.try_status(old)?["refs"].as_u64()? >= 20).then_some(())
+    });
+    member_change_ok(&format!("member remove {old} (the leader)"), || {
+        c.member_remove(rest[0], old)
+    });
+    leader_among(&c, &rest, ELECTION_BOUND);
+    poll_until(&format!("the removed leader {old} exits"), REFUSAL, || {
+        (!c.is_running(old)).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().expect("writer thread");
+    assert!(writes >= 20, "only {writes} writes went through the leader");
+    let log = c.log(old);
+    assert!(
+        !log.contains("panicked") && !log.contains("internal error"),
+        "the removed leader must stop cleanly: {}",
+        tail(&c.node(old).log_path(), 3000)
+    );
+    assert!(log.contains("was removed from the cluster"), "{log}");
+}
+
+/// A voter that joined with `--join`, then lost its data dir, started again
+/// with the same flags (`--join` included) is refused: the id was claimed
+/// by its first data dir. So is a founder whose data dir was wiped and that
+/// tries `--join`. Neither changes the others' term or commit index.
+#[test]
+fn a_wiped_node_is_refused_also_when_started_with_join() {
+    let mut c = Cluster::start_with(3, ARGS);
+    let new = c.join_node(1);
+    c.wait_role(1, new, "voter", PROMOTION);
+    c.cas_ok(1, "g", MAIN, ZERO, &oid(1));
+
+    c.kill(new);
+    c.wipe(new);
+    let before = settled_raft(&c, &[1, 2, 3]);
+    let line = assert_one_line_error(&c.run_node_expect_exit(new, REFUSAL), 1);
+    for needle in ["already started", "data dir", "member remove", "--join"] {
+        assert!(line.contains(needle), "refusal without {needle:?}: {line}");
+    }
+    assert_eq!(
+        raft_now(&c, &[1, 2, 3]),
+        before,
+        "a wiped joined node took part"
+    );
+
+    // A founder, wiped, trying --join instead of its original --peers
+    // (the lost node goes first, so that 1 and 2 remain a majority).
+    member_change_ok(&format!("member remove {new}"), || c.member_remove(1, new));
+    c.kill(3);
+    c.wipe(3);
+    let before = settled_raft(&c, &[1, 2]);
+    let mut args = c.node_args(3);
+    let peers = args.iter().position(|a| a == "--peers").expect("--peers");
+    args[peers] = "--join".into();
+    args[peers + 1] = c.node(1).addr.clone();
+    let mut cmd = std::process::Command::new(piehole());
+    cmd.args(&args).env_remove("RUST_LOG");
+    let line = assert_one_line_error(&run_expect_exit(cmd, REFUSAL), 1);
+    assert!(line.contains("already started"), "{line}");
+    assert_eq!(raft_now(&c, &[1, 2]), before, "a wiped founder took part");
+}
+
+/// With node 3 down, a learner that is added but never started must not be
+/// promoted (it has caught up with nothing): with four voters of which two
+/// answer, the cluster would stop. Writes go on, each through the log,
+/// and the learner stays a learner.
+#[test]
+fn a_learner_that_never_started_is_not_promoted() {
+    let mut c = Cluster::start_with(3, ARGS);
+    c.kill(3);
+    let new = c.new_node(&[1]);
+    member_change_ok(&format!("member add {new}"), || c.member_add(1, new));
+    // Each write is a round through the leader, which looks for learners
+    // to promote every 200 ms: writes for 2 s span ten looks.
+    let mut value = ZERO.to_string();
+    let start = Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(2) {
+        i += 1;
+        value = c.cas_ok(1, "g", MAIN, &value, &oid(i));
+    }
+    let roles = c.try_roles(1).expect("member list");
+    assert_eq!(
+        roles.get(&new).map(String::as_str),
+        Some("learner"),
+        "{roles:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Must show 5: a member add while a minority is down.
 
@@ -1161,7 +1326,7 @@ impl Pusher {
             &format!("{what}: {more} more pushes acknowledged"),
             PUSHES_GO_ON,
             || {
-                let finished = self.thread.as_ref().map_or(true, |t| t.is_finished());
+                let finished = self.thread.as_ref().is_none_or(|t| t.is_finished());
                 assert!(!finished, "the pusher stopped ({what})");
                 (self.acked.load(Ordering::SeqCst) >= from + more).then_some(())
             },

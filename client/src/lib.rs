@@ -198,6 +198,7 @@ impl LocalClient {
             kind: kind as i32,
             node_id,
             addr: addr.to_string(),
+            nonce: 0,
         };
         self.grpc.change_member(req).await?;
         Ok(())

@@ -67,7 +67,7 @@ impl ObjectQuorum {
     ) -> Result<(), String> {
         // This node has the objects; a majority needs this many more.
         let peers = self.consensus.peers();
-        let needed = peers.len() / 2;
+        let needed = self.consensus.voter_count() / 2;
         if self.level == Durability::Local || wants.is_empty() || needed == 0 {
             return Ok(());
         }

@@ -301,6 +301,7 @@ impl StateMachine {
                     (Outcome::Done, Some(&c.group))
                 }
             }
+            Some(Op::Claim(c)) => (self.claim(&mut batch, c)?, None),
             Some(Op::Read(_)) => (Outcome::Done, None),
             None => (Outcome::Refused("empty command".into()), None),
         };
@@ -321,6 +322,37 @@ impl StateMachine {
             let _ = self.changes.send(group.clone());
         }
         Ok(outcome)
+    }
+
+    /// The first data dir to start under an added id owns it; another one
+    /// (the same host wiped, a copy) is refused.
+    fn claim(&self, batch: &mut sled::Batch, c: &pb::ClaimOp) -> anyhow::Result<Outcome> {
+        let Some(v) = self.tree.get(member_key(c.node_id))? else {
+            return Ok(Outcome::Refused(format!(
+                "node {} is not a member: run `piehole member add {}=HOST:PORT` on a member first",
+                c.node_id, c.node_id
+            )));
+        };
+        let mut m = pb::ClusterMember::decode(v.as_ref())?;
+        if m.removed {
+            return Ok(Outcome::Refused(format!(
+                "node {} was removed from the cluster; ids are never reused",
+                c.node_id
+            )));
+        }
+        if m.claim == c.nonce {
+            return Ok(Outcome::Done);
+        }
+        if m.claim != 0 || c.nonce == 0 {
+            return Ok(Outcome::Refused(format!(
+                "node {} has already started with another data dir: this one is empty, so \
+                 that node's data was lost, and it must not vote again under its old id",
+                c.node_id
+            )));
+        }
+        m.claim = c.nonce;
+        batch.insert(member_key(m.id), m.encode_to_vec());
+        Ok(Outcome::Done)
     }
 
     fn is_removed(&self, id: u64) -> anyhow::Result<bool> {
@@ -366,10 +398,11 @@ impl StateMachine {
                     id: change.node_id,
                     addr: change.addr.clone(),
                     removed: false,
+                    claim: 0,
                 };
                 batch.insert(member_key(m.id), m.encode_to_vec());
             }
-            pb::MemberChangeKind::Promote => {}
+            pb::MemberChangeKind::Promote | pb::MemberChangeKind::Join => {}
             pb::MemberChangeKind::Remove => {
                 let mut m = match self.tree.get(member_key(change.node_id))? {
                     Some(v) => pb::ClusterMember::decode(v.as_ref())?,
@@ -943,6 +976,7 @@ mod tests {
                 id,
                 addr: format!("10.0.0.{id}:7420"),
                 removed: false,
+                claim: id,
             })
             .collect();
         sm.seed_members(1, &founders).unwrap();

@@ -388,6 +388,11 @@ impl Local for LocalService {
     ) -> Result<Response<pb::MemberChangeReply>, Status> {
         require_admin(&req, "changing the members")?;
         let change = member_change(req.into_inner())?;
+        if matches!(change, crate::consensus::MemberChange::Claim { .. }) {
+            return Err(Status::invalid_argument(
+                "an id is claimed by the joining node itself, at its first start with --join",
+            ));
+        }
         tracing::info!(?change, "membership change requested");
         self.consensus
             .change_member(change)

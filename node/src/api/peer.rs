@@ -255,8 +255,13 @@ impl Peer for PeerService {
         &self,
         req: Request<pb::MemberChangeRequest>,
     ) -> Result<Response<pb::MemberChangeReply>, Status> {
-        let (parts, _) = self.member(&req)?;
+        let (parts, from) = self.member(&req)?;
         let change = member_change(req.into_inner())?;
+        if let MemberChange::Claim { id, .. } = change {
+            if id != from {
+                return Err(Status::permission_denied("a node claims only its own id"));
+            }
+        }
         parts
             .consensus
             .change_member(change)
@@ -288,6 +293,10 @@ pub fn member_change(req: pb::MemberChangeRequest) -> Result<MemberChange, Statu
             })
         }
         pb::MemberChangeKind::Remove => Ok(MemberChange::Remove { id: req.node_id }),
+        pb::MemberChangeKind::Join => Ok(MemberChange::Claim {
+            id: req.node_id,
+            nonce: req.nonce,
+        }),
         pb::MemberChangeKind::Promote => Err(Status::invalid_argument(
             "learners are promoted by the leader once they have caught up",
         )),

@@ -83,6 +83,12 @@ pub enum MemberChange {
     Remove {
         id: u64,
     },
+    /// A node started with --join claims its id for the data dir with this
+    /// nonce, before it starts raft (see `ClaimOp`).
+    Claim {
+        id: u64,
+        nonce: u64,
+    },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -167,6 +173,12 @@ pub trait Consensus: Send + Sync + 'static {
     /// API address. The current members (voters and learners) in Raft
     /// mode, registrations in etcd mode.
     fn peers(&self) -> BTreeMap<u64, String>;
+
+    /// How many nodes a majority is counted over: the voters in Raft mode
+    /// (a learner catching up does not count), every node in etcd mode.
+    fn voter_count(&self) -> usize {
+        self.peers().len()
+    }
 
     /// Adds or removes a member; returns once the change is committed and
     /// applied. Only the embedded Raft has members to change.

@@ -146,6 +146,7 @@ pub async fn establish(
                     id: f.id,
                     addr: f.addr.clone(),
                     removed: false,
+                    claim: f.nonce,
                 })
                 .collect();
             // The state first: the cluster id, written last, is what makes
@@ -202,8 +203,11 @@ async fn handshake(
     let mut last_log = Instant::now();
     let mut unanswered: BTreeMap<u64, String> = BTreeMap::new();
     loop {
+        // Every peer, every round, those that answered before included: one
+        // of them may have finished meanwhile (and then this node follows
+        // it even if another founder is down by now).
         for (&peer, peer_addr) in &config.peers {
-            if pending.contains_key(&peer) {
+            if peer == config.id {
                 continue;
             }
             let reply = match ask(peer_addr, auth).await {
@@ -331,6 +335,47 @@ async fn join(
             config.id
         ),
     }
+    // Claim the id for this data dir before raft may start: if another
+    // data dir started under it before (this host, wiped), this one would
+    // vote with a lost memory.
+    let nonce = storage.bootstrap_nonce()?;
+    let claimed = reply
+        .members
+        .iter()
+        .find(|m| m.id == config.id)
+        .map_or(0, |m| m.claim);
+    if claimed != 0 && claimed != nonce {
+        // Known without asking the log: nothing is proposed for it.
+        bail!(
+            "node {} has already started with another data dir: this one ({}) is empty, so \
+             that node's data was lost, and it must not vote again under its old id; {}",
+            config.id,
+            config.data_dir.display(),
+            replace_procedure(config.id)
+        );
+    }
+    let auth = PeerAuth {
+        cluster: Some(reply.cluster_id),
+        ..auth.clone()
+    };
+    let claim = pb::MemberChangeRequest {
+        kind: pb::MemberChangeKind::Join as i32,
+        node_id: config.id,
+        addr: String::new(),
+        nonce,
+    };
+    let mut client = peer_client::connect(&addr, &auth)?;
+    match tokio::time::timeout(JOIN_PATIENCE, client.change_member(claim)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => bail!(
+            "{}; this node's data dir {} is empty: {}",
+            status.message(),
+            config.data_dir.display(),
+            replace_procedure(config.id)
+        ),
+        Ok(Err(status)) => bail!("cannot join through {addr}: {}", status.message()),
+        Err(_) => bail!("cannot join: {addr} did not answer within {JOIN_PATIENCE:?}"),
+    }
     // Addresses to answer the leader at until its snapshot brings them.
     state.seed_members(0, &reply.members)?;
     storage.join(reply.cluster_id, &reply.founders)?;
@@ -346,8 +391,17 @@ async fn check_still_member(
     cluster_id: u64,
     auth: &PeerAuth,
 ) -> anyhow::Result<()> {
-    let mut addrs: BTreeMap<u64, String> = state
-        .members()?
+    let members = state.members()?;
+    if members.get(&config.id).is_some_and(|m| m.removed) {
+        bail!(
+            "node {} was removed from cluster {}; its data dir {} is no longer used: delete \
+             it, and `piehole member add` this host under a new id to bring it back",
+            config.id,
+            cluster_hex(cluster_id),
+            config.data_dir.display()
+        );
+    }
+    let mut addrs: BTreeMap<u64, String> = members
         .into_values()
         .filter(|m| !m.removed && m.id != config.id)
         .map(|m| (m.id, m.addr))

@@ -11,12 +11,13 @@ use prost::Message as _;
 use raft::prelude::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, Snapshot,
 };
-use raft::{RawNode, SnapshotStatus, StateRole};
+use raft::{ProgressState, RawNode, SnapshotStatus, StateRole};
 use raft_proto::ConfChangeI as _;
 
 use super::members::MemberBook;
 use super::proposals::Proposals;
 use super::storage::RaftStorage;
+use super::transport::PeerHealth;
 use super::RaftProgress;
 use crate::config::NodeConfig;
 use crate::state::{Outcome, StateMachine};
@@ -30,6 +31,10 @@ const PROMOTE_CHECK_EVERY: Duration = Duration::from_millis(200);
 /// removal and the commit index reach the others, and a removed leader has
 /// handed over.
 const LINGER_AFTER_REMOVAL: Duration = Duration::from_secs(2);
+/// A leader asked to remove itself refuses with this, after starting to
+/// hand over; the caller asks the next leader.
+pub const HANDING_OVER: &str =
+    "this node leads and is the member to remove: it is handing over leadership first";
 
 pub enum DriverMsg {
     /// An encoded `pb::Command` to append to the log.
@@ -62,6 +67,8 @@ pub struct Driver {
     snapshot_interval: u64,
     snapshots_installed: u64,
     members: Arc<MemberBook>,
+    /// Which peers answered lately (the transport's view): who is live.
+    health: Arc<PeerHealth>,
     /// Set once this node was removed: why, and since when.
     removed: Option<(String, Instant)>,
     /// A removed leader hands over to this voter, outside Ready handling.
@@ -90,17 +97,30 @@ fn finish_interrupted_snapshot(state: &StateMachine, storage: &RaftStorage) -> a
     Ok(())
 }
 
+/// What the driver shares with the rest of the node.
+pub struct Shared {
+    pub state: Arc<StateMachine>,
+    pub members: Arc<MemberBook>,
+    pub health: Arc<PeerHealth>,
+    pub proposals: Arc<Proposals>,
+    pub progress: Arc<Mutex<RaftProgress>>,
+}
+
 impl Driver {
     pub fn new(
         config: &NodeConfig,
         storage: RaftStorage,
-        state: Arc<StateMachine>,
-        members: Arc<MemberBook>,
+        shared: Shared,
         inbox: mpsc::Receiver<DriverMsg>,
         outbox: Box<dyn Fn(Vec<Message>) + Send>,
-        proposals: Arc<Proposals>,
-        progress: Arc<Mutex<RaftProgress>>,
     ) -> anyhow::Result<Self> {
+        let Shared {
+            state,
+            members,
+            health,
+            proposals,
+            progress,
+        } = shared;
         let raft_config = raft::Config {
             id: config.id,
             election_tick: 10,
@@ -128,6 +148,7 @@ impl Driver {
             snapshot_interval: config.snapshot_interval,
             snapshots_installed: 0,
             members,
+            health,
             removed: None,
             hand_over_to: None,
             last_promote_check: Instant::now(),
@@ -298,13 +319,14 @@ impl Driver {
             Some("this node is no longer the leader; nothing was changed, try again".to_string())
         } else if self.raw.raft.has_pending_conf() {
             Some(
-                "another membership change is still being applied; nothing was changed, \
+                "another membership change is in progress (still being applied); nothing was changed, \
                  try again in a moment"
                     .to_string(),
             )
         } else {
             self.refusal(&change)
                 .and_then(|()| self.leaves_a_live_majority(&change))
+                .and_then(|()| self.not_self_removal(&change))
                 .err()
         };
         if let Some(why) = refused {
@@ -347,6 +369,9 @@ impl Driver {
                     return Err(format!("{:?} is not HOST:PORT", change.addr));
                 }
             }
+            pb::MemberChangeKind::Join => {
+                return Err("a claim is not a configuration change".into());
+            }
             pb::MemberChangeKind::Promote => {
                 if !is_learner {
                     return Err(format!("node {id} is not a learner"));
@@ -362,6 +387,28 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// A leader never removes itself: raft-rs leaves a removed leader in
+    /// charge without its own progress, which it then needs. It hands over
+    /// to the voter furthest along instead, and its caller asks again.
+    fn not_self_removal(&mut self, change: &pb::MemberChange) -> Result<(), String> {
+        let me = self.raw.raft.id;
+        if change.kind() != pb::MemberChangeKind::Remove || change.node_id != me {
+            return Ok(());
+        }
+        self.hand_over_to = self.best_other_voter();
+        Err(HANDING_OVER.to_string())
+    }
+
+    fn best_other_voter(&self) -> Option<u64> {
+        let raft = &self.raw.raft;
+        raft.prs()
+            .iter()
+            .filter(|(id, _)| **id != raft.id && raft.prs().conf().voters().contains(**id))
+            .filter(|(id, _)| self.health.reachable(**id))
+            .max_by_key(|(_, pr)| pr.matched)
+            .map(|(id, _)| *id)
     }
 
     /// A removal must leave a majority of the remaining voters reachable, or
@@ -384,7 +431,7 @@ impl Driver {
         let live: Vec<u64> = remaining
             .iter()
             .copied()
-            .filter(|&v| v == raft.id || prs.get(v).is_some_and(|p| p.recent_active))
+            .filter(|&v| v == raft.id || self.health.reachable(v))
             .collect();
         if live.len() * 2 <= remaining.len() {
             return Err(format!(
@@ -422,6 +469,14 @@ impl Driver {
                 return Ok(());
             }
         };
+        if entry.index <= self.raw.store().conf_index()? {
+            // Replayed after a crash that kept the configuration but not the
+            // state: raft already started from the new configuration, and
+            // the state must still record the change.
+            self.state.apply_member_change(entry.index, &change)?;
+            self.members.refresh(&self.state)?;
+            return Ok(());
+        }
         let outcome = match self.refusal(&change) {
             Err(why) => Outcome::Refused(format!("{why}; nothing was changed")),
             Ok(()) => match self.raw.apply_conf_change(&cc) {
@@ -429,7 +484,7 @@ impl Driver {
                     "raft refused the change ({e}); nothing was changed"
                 )),
                 Ok(cs) => {
-                    self.raw.store().set_conf_state(&cs)?;
+                    self.raw.store().set_conf_state(&cs, entry.index)?;
                     self.state.apply_member_change(entry.index, &change)?;
                     self.members.refresh(&self.state)?;
                     tracing::info!(
@@ -440,7 +495,6 @@ impl Driver {
                         learners = ?cs.learners,
                         "membership changed"
                     );
-                    self.on_member_changed(&change);
                     Outcome::Done
                 }
             },
@@ -448,34 +502,32 @@ impl Driver {
         if matches!(outcome, Outcome::Refused(_)) {
             self.state.skip(entry.index)?;
         }
+        let applied = matches!(outcome, Outcome::Done);
         if change.origin_node == self.raw.raft.id {
             self.proposals.resolve(change.request_id, outcome);
+        }
+        if applied {
+            self.on_member_changed(&change)?;
         }
         Ok(())
     }
 
-    fn on_member_changed(&mut self, change: &pb::MemberChange) {
+    /// This node was removed: it stops, after a moment to let its replies
+    /// out, or at once if it leads (the leader that applies its own removal
+    /// has no progress of its own left, which raft-rs would then need; it
+    /// gets here only if it won an election with the removal in its log).
+    fn on_member_changed(&mut self, change: &pb::MemberChange) -> anyhow::Result<()> {
         let me = self.raw.raft.id;
         if change.kind() != pb::MemberChangeKind::Remove || change.node_id != me {
-            return;
+            return Ok(());
         }
+        let why = removed_message(me, "this node applied its own removal");
         if self.raw.raft.state == StateRole::Leader {
-            // Hand over to the voter furthest along, so the others need not
-            // wait out an election timeout.
-            let best = self
-                .raw
-                .raft
-                .prs()
-                .iter()
-                .filter(|(id, _)| **id != me && self.raw.raft.prs().conf().voters().contains(**id))
-                .max_by_key(|(_, pr)| pr.matched)
-                .map(|(id, _)| *id);
-            self.hand_over_to = best;
+            self.raw.store().flush()?;
+            anyhow::bail!("{why}");
         }
-        self.removed = Some((
-            removed_message(me, "this node applied its own removal"),
-            Instant::now(),
-        ));
+        self.removed = Some((why, Instant::now()));
+        Ok(())
     }
 
     /// The leader promotes a learner that has caught up, if the cluster
@@ -495,11 +547,17 @@ impl Driver {
         let voters: Vec<u64> = conf.voters().ids().iter().collect();
         let active_voters = voters
             .iter()
-            .filter(|&&v| v == raft.id || prs.get(v).is_some_and(|p| p.recent_active))
+            .filter(|&&v| v == raft.id || self.health.reachable(v))
             .count();
+        // Caught up for real: it answers now, and its log is being
+        // replicated to (not probed, nor waiting for a snapshot) close to ours.
         let ready = conf.learners().iter().copied().find(|&l| {
-            prs.get(l)
-                .is_some_and(|p| p.recent_active && p.matched + PROMOTE_WITHIN >= last)
+            self.health.reachable(l)
+                && prs.get(l).is_some_and(|p| {
+                    p.state == ProgressState::Replicate
+                        && p.matched > 0
+                        && p.matched + PROMOTE_WITHIN >= last
+                })
         });
         let Some(learner) = ready else { return };
         if (active_voters + 1) * 2 <= voters.len() + 1 {
@@ -582,6 +640,9 @@ fn conf_change_of(change: &pb::MemberChange) -> ConfChangeV2 {
         pb::MemberChangeKind::AddLearner => ConfChangeType::AddLearnerNode,
         pb::MemberChangeKind::Promote => ConfChangeType::AddNode,
         pb::MemberChangeKind::Remove => ConfChangeType::RemoveNode,
+        // Not a configuration change (a normal command carries claims);
+        // refused before it gets here.
+        pb::MemberChangeKind::Join => ConfChangeType::AddLearnerNode,
     };
     let mut single = ConfChangeSingle::default();
     single.set_change_type(change_type);

@@ -117,12 +117,15 @@ impl RaftConsensus {
         let driver = driver::Driver::new(
             config,
             storage,
-            state.clone(),
-            members.clone(),
+            driver::Shared {
+                state: state.clone(),
+                members: members.clone(),
+                health: health.clone(),
+                proposals: proposals.clone(),
+                progress: progress.clone(),
+            },
             inbox_rx,
             outbox,
-            proposals.clone(),
-            progress.clone(),
         )?;
         let committed_at_start = driver.committed_at_start();
         let handle = std::thread::Builder::new()
@@ -301,6 +304,7 @@ impl RaftConsensus {
             kind: change.kind,
             node_id: change.node_id,
             addr: change.addr,
+            nonce: 0,
         };
         // The leader's own bound, and a margin for the hop.
         let bound = self.request_timeout + Duration::from_secs(1);
@@ -454,6 +458,13 @@ impl Consensus for RaftConsensus {
                 node_id: id,
                 ..Default::default()
             },
+            // A normal command: any member can propose it.
+            MemberChange::Claim { id, nonce } => {
+                return done(
+                    self.propose(Op::Claim(pb::ClaimOp { node_id: id, nonce }))
+                        .await?,
+                );
+            }
         };
         // Right after a leader was removed the others may still name it for
         // a moment: wait for a leader that is a member, within the bound.
@@ -466,16 +477,37 @@ impl Consensus for RaftConsensus {
                 ));
             }
             if leader == self.id {
-                return self.change_on_leader(change).await;
+                match self.change_on_leader(change.clone()).await {
+                    // It handed over: the next leader carries it out.
+                    Err(ConsensusError::Refused(why)) if why == driver::HANDING_OVER => {
+                        tokio::time::sleep(POLL).await;
+                        continue;
+                    }
+                    other => return other,
+                }
             }
             if leader != 0 && self.members.addr(leader).is_some() {
-                return self.forward_change(leader, change).await;
+                match self.forward_change(leader, change.clone()).await {
+                    // Nothing was sent: the leader we knew of is gone, and
+                    // another may be elected within the bound.
+                    Err(ConsensusError::Unavailable(_))
+                        if start.elapsed() < NO_QUORUM_AFTER.max(self.request_timeout / 2) =>
+                    {
+                        tokio::time::sleep(POLL * 5).await;
+                        continue;
+                    }
+                    other => return other,
+                }
             }
             if start.elapsed() >= NO_QUORUM_AFTER.max(self.request_timeout / 2) {
                 return Err(ConsensusError::NoQuorum);
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    fn voter_count(&self) -> usize {
+        self.progress().voters.len()
     }
 
     fn was_removed(&self, id: u64) -> bool {

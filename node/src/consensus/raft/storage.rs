@@ -28,6 +28,8 @@ const CLUSTER_ID: &[u8] = b"cluster_id";
 const FOUNDERS: &[u8] = b"founders";
 /// Before bootstrap: this node's random contribution to the handshake.
 const NONCE: &[u8] = b"bootstrap_nonce";
+/// The log index of the last configuration change stored in CONF_STATE.
+const CONF_INDEX: &[u8] = b"conf_index";
 const SNAPSHOT_META: &[u8] = b"snapshot_meta";
 
 pub struct RaftStorage {
@@ -121,6 +123,7 @@ impl RaftStorage {
         batch.insert(CONF_STATE, cs.write_to_bytes()?);
         batch.insert(SNAPSHOT_META, meta.write_to_bytes()?);
         batch.insert(HARD_STATE, hs.write_to_bytes()?);
+        batch.insert(CONF_INDEX, &1u64.to_be_bytes());
         self.record_identity(&mut batch, cluster_id, founders);
         self.meta.apply_batch(batch)?;
         self.flush()
@@ -159,12 +162,19 @@ impl RaftStorage {
         }
     }
 
-    /// Stored when a configuration change is applied, before the state
-    /// machine records it: replaying the change after a crash is harmless.
-    pub fn set_conf_state(&self, cs: &ConfState) -> raft::Result<()> {
-        let bytes = cs.write_to_bytes().map_err(store_err)?;
-        self.meta.insert(CONF_STATE, bytes).map_err(store_err)?;
-        Ok(())
+    /// Stored when a configuration change at log `index` is applied, before
+    /// the state machine records it. After a crash in between, the entry is
+    /// replayed; `conf_index` tells the driver raft already has it.
+    pub fn set_conf_state(&self, cs: &ConfState, index: u64) -> raft::Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.insert(CONF_STATE, cs.write_to_bytes().map_err(store_err)?);
+        batch.insert(CONF_INDEX, &index.to_be_bytes());
+        self.meta.apply_batch(batch).map_err(store_err)
+    }
+
+    /// The log index of the configuration stored (0: none since bootstrap).
+    pub fn conf_index(&self) -> anyhow::Result<u64> {
+        Ok(self.meta.get(CONF_INDEX)?.map(|b| be_u64(&b)).unwrap_or(0))
     }
 
     pub fn conf_state(&self) -> raft::Result<ConfState> {
@@ -253,6 +263,7 @@ impl RaftStorage {
             CONF_STATE,
             meta.get_conf_state().write_to_bytes().map_err(store_err)?,
         );
+        batch.insert(CONF_INDEX, &meta.index.to_be_bytes());
         batch.insert(HARD_STATE, hs.write_to_bytes().map_err(store_err)?);
         self.meta.apply_batch(batch).map_err(store_err)?;
         let mut batch = sled::Batch::default();
