@@ -501,6 +501,7 @@ fn peer_api_refuses_calls_without_the_right_secret() {
         let batch = pb::RaftBatch {
             from: 2,
             messages: vec![noise(100, 3)],
+            ..Default::default()
         };
         let e = peer
             .raft(peer_request(
@@ -548,6 +549,7 @@ fn peer_api_refuses_calls_without_the_right_secret() {
         let batch = pb::RaftBatch {
             from: 2,
             messages: vec![noise(100, 4)],
+            ..Default::default()
         };
         let _ = peer
             .raft(peer_request(batch, Some("2"), Some(SECRET)))
@@ -568,6 +570,7 @@ fn peer_api_refuses_calls_without_the_right_secret() {
         let batch = pb::RaftBatch {
             from: 2,
             messages: vec![protobuf::Message::write_to_bytes(&snapshot).unwrap()],
+            ..Default::default()
         };
         let e = peer
             .raft(peer_request(batch, Some("2"), Some(SECRET)))

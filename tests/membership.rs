@@ -146,14 +146,18 @@ fn replacing_a_lost_node_under_pushes_makes_the_new_node_a_voter_converges_and_l
     .expect("delete node 3's repositories");
     pusher.wait_for_more(1, "pushes with node 3 lost");
 
+    // The README's "Replacing a dead host", step by step: remove the lost
+    // id and add a new one on a live member, start the new node with an
+    // empty data dir and --join, wait until it is a voter, then create and
+    // install its repository.
     member_change_ok("member remove 3", || c.member_remove(1, 3));
     let new = c.new_node(&[1]);
     member_change_ok(&format!("member add {new}"), || c.member_add(1, new));
     c.start_node(new);
+    c.wait_role(1, new, "voter", PROMOTION);
     let rep = git::bare_repo(&c, new, GROUP);
     git::install_ok(&c, new, &rep);
     reps.push(rep);
-    c.wait_role(1, new, "voter", PROMOTION);
     pusher.wait_for_more(3, "pushes with the new node a voter");
 
     let log = pusher.stop();
@@ -360,6 +364,45 @@ fn removing_the_leader_while_pushes_run_hands_over_and_loses_no_push() {
     acks.assert_failures_within(RETRY);
     wait_replicas_hold_consensus(&c, rest[0], &kept);
     assert_acks_kept(&kept, &acks.acked);
+}
+
+/// Node 3 is down while nodes 4 and 5 are added and promoted; then nodes 1
+/// and 2 stop and node 3 comes back. The only majority left is {3, 4, 5}
+/// and node 3's state has never heard of 4 and 5: it must still take their
+/// raft messages (they introduce themselves), answer them, vote, and catch
+/// up from whichever of them leads.
+#[test]
+fn a_node_that_missed_members_being_added_catches_up_from_them() {
+    let mut c = Cluster::start_with(3, ARGS);
+    c.cas_ok(1, "g", MAIN, ZERO, &oid(1));
+    c.kill(3);
+    for _ in 0..2 {
+        let id = c.new_node(&[1]);
+        member_change_ok(&format!("member add {id}"), || c.member_add(1, id));
+        c.start_node(id);
+        c.wait_role(1, id, "voter", PROMOTION);
+    }
+    c.cas_ok(1, "g", MAIN, &oid(1), &oid(2));
+    c.kill(1);
+    c.kill(2);
+    c.restart(3);
+    let leader = leader_among(&c, &[3, 4, 5], ELECTION_BOUND * 3);
+    assert_ne!(leader, 0);
+    poll_until("node 3 applied what it missed", PUSHES_GO_ON, || {
+        (c.try_refs(3, "g", true)?.get(MAIN)? == &oid(2)).then_some(())
+    });
+    assert_eq!(c.cas_ok(3, "g", MAIN, &oid(2), &oid(3)), oid(3));
+    let roles = c.try_roles(3).expect("member list through node 3");
+    assert_eq!(
+        roles.get(&4).map(String::as_str),
+        Some("voter"),
+        "{roles:?}"
+    );
+    assert_eq!(
+        roles.get(&5).map(String::as_str),
+        Some("voter"),
+        "{roles:?}"
+    );
 }
 
 /// The leader is removed while writes are proposed through it without a

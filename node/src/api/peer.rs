@@ -66,6 +66,13 @@ impl PeerService {
     /// The running node's parts, if the caller is a current member of our
     /// cluster. A removed node is told so, and stops.
     fn member<T>(&self, req: &Request<T>) -> Result<(&PeerParts, u64), Status> {
+        self.caller(req, false)
+    }
+
+    /// [`PeerService::member`]; with `newcomer`, also a caller that is not
+    /// (yet) among this node's members but was never removed: raft traffic
+    /// from a member added while this node was behind.
+    fn caller<T>(&self, req: &Request<T>, newcomer: bool) -> Result<(&PeerParts, u64), Status> {
         let parts = self
             .parts
             .get()
@@ -96,7 +103,7 @@ impl PeerService {
                 "node {from} {REMOVED_MARK}"
             )));
         }
-        if !parts.consensus.peers().contains_key(&from) {
+        if !newcomer && !parts.consensus.peers().contains_key(&from) {
             tracing::warn!(?remote, from, "peer call from an unknown node refused");
             return Err(Status::permission_denied("unknown peer"));
         }
@@ -113,7 +120,7 @@ type PackStream = Pin<Box<dyn Stream<Item = Result<pb::PackChunk, Status>> + Sen
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn raft(&self, req: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
-        let (parts, caller) = self.member(&req)?;
+        let (parts, caller) = self.caller(&req, true)?;
         let caller = Some(caller);
         let Some(inbox) = &parts.inbox else {
             return Err(Status::failed_precondition(
@@ -125,6 +132,9 @@ impl Peer for PeerService {
             return Err(Status::invalid_argument(
                 "raft batch sender does not match the caller",
             ));
+        }
+        if !parts.consensus.peers().contains_key(&batch.from) {
+            parts.consensus.learn_peer(batch.from, &batch.from_addr);
         }
         let mut msgs = Vec::with_capacity(batch.messages.len());
         for bytes in &batch.messages {

@@ -190,6 +190,11 @@ pub trait Consensus: Send + Sync + 'static {
         ))
     }
 
+    /// A node of our cluster that is not among `peers()` sent raft messages,
+    /// introducing itself at `addr`: a member added while this node was
+    /// behind. Only the embedded Raft has such members.
+    fn learn_peer(&self, _id: u64, _addr: &str) {}
+
     /// Whether `id` was removed from the cluster (its calls are refused).
     fn was_removed(&self, _id: u64) -> bool {
         false

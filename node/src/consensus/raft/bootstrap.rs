@@ -110,6 +110,21 @@ impl Identity {
     }
 }
 
+/// A new cluster's id: every founder's (id, nonce), so that founders that
+/// saw different nonces (one was wiped in the middle of the handshake)
+/// end up in different clusters instead of one that disagrees with itself.
+/// FNV-1a: the same on every build.
+fn cluster_id_of(founders: &[pb::Founder]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for f in founders {
+        for b in f.id.to_be_bytes().into_iter().chain(f.nonce.to_be_bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h.max(1)
+}
+
 pub fn cluster_hex(id: u64) -> String {
     format!("{id:016x}")
 }
@@ -139,7 +154,7 @@ pub async fn establish(
             let nonce = storage.bootstrap_nonce()?;
             identity.known().nonce = nonce;
             let founders = handshake(config, nonce, &identity.addr, auth).await?;
-            let cluster_id = founders[0].nonce;
+            let cluster_id = cluster_id_of(&founders);
             let members: Vec<pb::ClusterMember> = founders
                 .iter()
                 .map(|f| pb::ClusterMember {
@@ -301,58 +316,96 @@ async fn join(
     targets: &[String],
     auth: &PeerAuth,
 ) -> anyhow::Result<(u64, Vec<pb::Founder>)> {
+    // Durable before anyone sees it: the claim made with it is idempotent
+    // if this start is cut short and tried again.
+    let nonce = storage.bootstrap_nonce()?;
     let start = Instant::now();
     let mut last_err = String::new();
-    let reply = 'found: loop {
+    loop {
         for addr in targets {
-            match ask(addr, auth).await {
-                Ok(r) if r.cluster_id != 0 => break 'found (addr.clone(), r),
-                Ok(_) => last_err = format!("{addr} has not bootstrapped a cluster"),
-                Err(why) => last_err = format!("{addr}: {why}"),
+            match join_via(config, addr, nonce, auth, start).await {
+                Ok(reply) => {
+                    // Addresses to answer the leader at until its snapshot
+                    // brings them.
+                    state.seed_members(0, &reply.members)?;
+                    storage.join(reply.cluster_id, &reply.founders)?;
+                    tracing::info!(
+                        cluster = %cluster_hex(reply.cluster_id),
+                        via = %addr,
+                        "joined the cluster as a learner"
+                    );
+                    return Ok((reply.cluster_id, reply.founders));
+                }
+                Err(JoinError::Final(e)) => return Err(e),
+                Err(JoinError::Retry(why)) => last_err = why,
             }
         }
         if start.elapsed() >= JOIN_PATIENCE {
-            bail!(
-                "cannot join: no member given by --join answered within {JOIN_PATIENCE:?} \
-                 ({last_err})"
-            );
+            bail!("cannot join within {JOIN_PATIENCE:?}: {last_err}");
         }
         tokio::time::sleep(ASK_EVERY).await;
-    };
-    let (addr, reply) = reply;
-    let cluster = cluster_hex(reply.cluster_id);
-    match reply.members.iter().find(|m| m.id == config.id) {
-        Some(m) if m.removed => bail!(
-            "node {} was removed from cluster {cluster}; ids are never reused: \
-             `piehole member add` this host under a new id",
-            config.id
-        ),
-        Some(_) => {}
-        None => bail!(
-            "node {} is not a member of cluster {cluster} (as {addr} knows it): run \
-             `piehole member add {}=HOST:PORT` on a member first",
-            config.id,
-            config.id
-        ),
     }
-    // Claim the id for this data dir before raft may start: if another
-    // data dir started under it before (this host, wiped), this one would
-    // vote with a lost memory.
-    let nonce = storage.bootstrap_nonce()?;
-    let claimed = reply
-        .members
-        .iter()
-        .find(|m| m.id == config.id)
-        .map_or(0, |m| m.claim);
-    if claimed != 0 && claimed != nonce {
-        // Known without asking the log: nothing is proposed for it.
-        bail!(
-            "node {} has already started with another data dir: this one ({}) is empty, so \
-             that node's data was lost, and it must not vote again under its old id; {}",
-            config.id,
+}
+
+enum JoinError {
+    /// Another member, or the same one later, may say otherwise.
+    Retry(String),
+    Final(anyhow::Error),
+}
+
+/// A member that has not applied the `member add` yet says "not a member"
+/// for this long before the joiner believes it.
+const NOT_ADDED_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Asks the member at `addr` for the cluster, checks this node was added
+/// and its id never claimed by another data dir, then claims it.
+async fn join_via(
+    config: &NodeConfig,
+    addr: &str,
+    nonce: u64,
+    auth: &PeerAuth,
+    start: Instant,
+) -> Result<pb::ClusterInfoReply, JoinError> {
+    let reply = match ask(addr, auth).await {
+        Ok(r) if r.cluster_id != 0 => r,
+        Ok(_) => {
+            return Err(JoinError::Retry(format!(
+                "{addr} has not bootstrapped a cluster"
+            )))
+        }
+        Err(why) => return Err(JoinError::Retry(format!("{addr}: {why}"))),
+    };
+    let cluster = cluster_hex(reply.cluster_id);
+    let id = config.id;
+    let lost = || {
+        JoinError::Final(anyhow!(
+            "node {id} has already started with another data dir: this one ({}) is empty, \
+             so that node's data was lost, and it must not vote again under its old id; {}",
             config.data_dir.display(),
-            replace_procedure(config.id)
-        );
+            replace_procedure(id)
+        ))
+    };
+    match reply.members.iter().find(|m| m.id == id) {
+        Some(m) if m.removed => {
+            return Err(JoinError::Final(anyhow!(
+                "node {id} was removed from cluster {cluster}; ids are never reused: \
+                 `piehole member add` this host under a new id"
+            )))
+        }
+        // Known without asking the log: nothing is proposed for it.
+        Some(m) if m.claim != 0 && m.claim != nonce => return Err(lost()),
+        Some(_) => {}
+        None if start.elapsed() < NOT_ADDED_PATIENCE => {
+            return Err(JoinError::Retry(format!(
+                "{addr} does not know node {id} yet"
+            )))
+        }
+        None => {
+            return Err(JoinError::Final(anyhow!(
+                "node {id} is not a member of cluster {cluster} (as {addr} knows it): run \
+                 `piehole member add {id}=HOST:PORT` on a member first"
+            )))
+        }
     }
     let auth = PeerAuth {
         cluster: Some(reply.cluster_id),
@@ -360,27 +413,21 @@ async fn join(
     };
     let claim = pb::MemberChangeRequest {
         kind: pb::MemberChangeKind::Join as i32,
-        node_id: config.id,
+        node_id: id,
         addr: String::new(),
         nonce,
     };
-    let mut client = peer_client::connect(&addr, &auth)?;
-    match tokio::time::timeout(JOIN_PATIENCE, client.change_member(claim)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => bail!(
-            "{}; this node's data dir {} is empty: {}",
-            status.message(),
-            config.data_dir.display(),
-            replace_procedure(config.id)
-        ),
-        Ok(Err(status)) => bail!("cannot join through {addr}: {}", status.message()),
-        Err(_) => bail!("cannot join: {addr} did not answer within {JOIN_PATIENCE:?}"),
+    let mut client =
+        peer_client::connect(addr, &auth).map_err(|e| JoinError::Retry(e.to_string()))?;
+    match tokio::time::timeout(ASK_TIMEOUT * 10, client.change_member(claim)).await {
+        Ok(Ok(_)) => Ok(reply),
+        Ok(Err(status)) if status.message().contains("another data dir") => Err(lost()),
+        Ok(Err(status)) => Err(JoinError::Retry(format!(
+            "claiming id {id} through {addr}: {}",
+            status.message()
+        ))),
+        Err(_) => Err(JoinError::Retry(format!("{addr} did not answer the claim"))),
     }
-    // Addresses to answer the leader at until its snapshot brings them.
-    state.seed_members(0, &reply.members)?;
-    storage.join(reply.cluster_id, &reply.founders)?;
-    tracing::info!(cluster = %cluster, via = %addr, "joined the cluster as a learner");
-    Ok((reply.cluster_id, reply.founders))
 }
 
 /// A recorded data dir may still have been removed from its cluster while
@@ -488,6 +535,23 @@ mod tests {
         assert_eq!((info.node_id, info.cluster_id, info.nonce), (2, 0, nonce));
         assert_eq!(info.expected_ids, vec![1, 2]);
         assert_eq!(info.addr, "127.0.0.1:7002");
+    }
+
+    #[test]
+    fn the_cluster_id_depends_on_every_founder() {
+        let founders = |c: u64| -> Vec<pb::Founder> {
+            [(1, 11), (2, 22), (3, c)]
+                .into_iter()
+                .map(|(id, nonce)| pb::Founder {
+                    id,
+                    nonce,
+                    addr: String::new(),
+                })
+                .collect()
+        };
+        assert_eq!(cluster_id_of(&founders(33)), cluster_id_of(&founders(33)));
+        // Founders 1 and 2 saw two nonces of a founder 3 wiped mid-handshake.
+        assert_ne!(cluster_id_of(&founders(33)), cluster_id_of(&founders(34)));
     }
 
     #[test]

@@ -397,7 +397,11 @@ impl Driver {
         if change.kind() != pb::MemberChangeKind::Remove || change.node_id != me {
             return Ok(());
         }
-        self.hand_over_to = self.best_other_voter();
+        // One transfer at a time: raft-rs drops proposals while one is
+        // pending, and re-arming it would keep it pending.
+        if self.raw.raft.lead_transferee.is_none() {
+            self.hand_over_to = self.best_other_voter();
+        }
         Err(HANDING_OVER.to_string())
     }
 
@@ -475,7 +479,7 @@ impl Driver {
             // the state must still record the change.
             self.state.apply_member_change(entry.index, &change)?;
             self.members.refresh(&self.state)?;
-            return Ok(());
+            return self.on_member_changed(&change);
         }
         let outcome = match self.refusal(&change) {
             Err(why) => Outcome::Refused(format!("{why}; nothing was changed")),

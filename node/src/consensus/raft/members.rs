@@ -20,6 +20,10 @@ pub struct MemberBook {
     /// recorded (another network path, a proxy).
     overrides: BTreeMap<u64, String>,
     known: RwLock<BTreeMap<u64, pb::ClusterMember>>,
+    /// Members this node's state does not know yet (it is behind the
+    /// `member add`), as they introduced themselves in raft calls: without
+    /// them it could not answer the leader that brings it that entry.
+    learned: RwLock<BTreeMap<u64, String>>,
     /// Bumped by every refresh, so readers can tell the list changed.
     generation: AtomicU64,
 }
@@ -29,6 +33,7 @@ impl MemberBook {
         let book = MemberBook {
             overrides: config.peers.clone(),
             known: RwLock::default(),
+            learned: RwLock::default(),
             generation: AtomicU64::new(0),
         };
         book.refresh(state)?;
@@ -38,6 +43,10 @@ impl MemberBook {
     /// Reads the members again after the state changed them.
     pub fn refresh(&self, state: &StateMachine) -> anyhow::Result<()> {
         let members = state.members()?;
+        self.learned
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| !members.contains_key(id));
         *self.known.write().unwrap_or_else(|e| e.into_inner()) = members;
         self.generation.fetch_add(1, Ordering::Release);
         Ok(())
@@ -53,24 +62,53 @@ impl MemberBook {
 
     /// Where to dial `id`; None if it is not (or no longer) a member.
     pub fn addr(&self, id: u64) -> Option<String> {
-        let known = self.known();
-        let m = known.get(&id).filter(|m| !m.removed)?;
-        Some(
-            self.overrides
-                .get(&id)
-                .cloned()
-                .unwrap_or_else(|| m.addr.clone()),
-        )
+        let recorded = match self.known().get(&id) {
+            Some(m) if m.removed => return None,
+            Some(m) => m.addr.clone(),
+            None => self.learned().get(&id)?.clone(),
+        };
+        Some(self.overrides.get(&id).cloned().unwrap_or(recorded))
+    }
+
+    /// A member's address as the cluster recorded it (ours, for introductions).
+    pub fn recorded_addr(&self, id: u64) -> String {
+        self.known()
+            .get(&id)
+            .map(|m| m.addr.clone())
+            .unwrap_or_default()
+    }
+
+    fn learned(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, String>> {
+        self.learned.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A member this node's state does not know yet introduced itself. A
+    /// removed one stays removed.
+    pub fn learn(&self, id: u64, addr: &str) {
+        if addr.is_empty() || self.known().contains_key(&id) {
+            return;
+        }
+        let mut learned = self.learned.write().unwrap_or_else(|e| e.into_inner());
+        if learned.get(&id).map(String::as_str) != Some(addr) {
+            tracing::info!(
+                id,
+                addr,
+                "a member this node's state does not know yet introduced itself"
+            );
+            learned.insert(id, addr.to_string());
+            self.generation.fetch_add(1, Ordering::Release);
+        }
     }
 
     /// The current members (not removed): id -> address to dial.
     pub fn current(&self) -> BTreeMap<u64, String> {
-        let ids: Vec<u64> = self
+        let mut ids: Vec<u64> = self
             .known()
             .values()
             .filter(|m| !m.removed)
             .map(|m| m.id)
             .collect();
+        ids.extend(self.learned().keys().copied());
         ids.into_iter()
             .filter_map(|id| self.addr(id).map(|a| (id, a)))
             .collect()

@@ -46,6 +46,8 @@ pub use transport::{PeerHealth, REMOVED_MARK};
 const NO_QUORUM_AFTER: Duration = Duration::from_secs(3);
 /// How often a waiting proposal looks at the cluster's health.
 const POLL: Duration = Duration::from_millis(20);
+/// How a forwarded membership change that never left begins.
+const NOT_CONNECTED: &str = "could not connect to the leader";
 /// A proposal needs at least this long to be seen committing.
 const MIN_TIME_TO_PROPOSE: Duration = Duration::from_millis(100);
 
@@ -298,8 +300,9 @@ impl RaftConsensus {
         let Some(addr) = self.members.addr(leader) else {
             return Err(ConsensusError::NoQuorum);
         };
-        let mut client = peer_client::connect(&addr, &self.auth)
-            .map_err(|e| ConsensusError::Unavailable(format!("cannot reach the leader: {e}")))?;
+        let mut client = peer_client::connect(&addr, &self.auth).map_err(|e| {
+            ConsensusError::Unavailable(format!("{NOT_CONNECTED} (node {leader}): {e}"))
+        })?;
         let req = pb::MemberChangeRequest {
             kind: change.kind,
             node_id: change.node_id,
@@ -313,11 +316,22 @@ impl RaftConsensus {
             Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
                 Err(ConsensusError::Refused(status.message().to_string()))
             }
-            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+            // The connection was never made: the request did not leave.
+            Ok(Err(status))
+                if status.code() == tonic::Code::Unavailable
+                    && status.message().contains("connect error") =>
+            {
                 Err(ConsensusError::Unavailable(format!(
-                    "the leader (node {leader}) could not be reached: {}",
+                    "{NOT_CONNECTED} (node {leader}): {}",
                     status.message()
                 )))
+            }
+            // The leader's own verdict: it proposed nothing.
+            Ok(Err(status))
+                if status.code() == tonic::Code::Unavailable
+                    && status.message().contains("nothing was changed") =>
+            {
+                Err(ConsensusError::Refused(status.message().to_string()))
             }
             Ok(Err(status)) => Err(ConsensusError::Uncertain(format!(
                 "the leader (node {leader}) answered: {}",
@@ -480,7 +494,14 @@ impl Consensus for RaftConsensus {
                 match self.change_on_leader(change.clone()).await {
                     // It handed over: the next leader carries it out.
                     Err(ConsensusError::Refused(why)) if why == driver::HANDING_OVER => {
-                        tokio::time::sleep(POLL).await;
+                        if start.elapsed() >= self.request_timeout {
+                            return Err(ConsensusError::Unavailable(format!(
+                                "the leader (this node, the one to remove) could not hand over \
+                                 leadership within {:?}",
+                                self.request_timeout
+                            )));
+                        }
+                        tokio::time::sleep(POLL * 5).await;
                         continue;
                     }
                     other => return other,
@@ -490,8 +511,9 @@ impl Consensus for RaftConsensus {
                 match self.forward_change(leader, change.clone()).await {
                     // Nothing was sent: the leader we knew of is gone, and
                     // another may be elected within the bound.
-                    Err(ConsensusError::Unavailable(_))
-                        if start.elapsed() < NO_QUORUM_AFTER.max(self.request_timeout / 2) =>
+                    Err(ConsensusError::Unavailable(why))
+                        if why.starts_with(NOT_CONNECTED)
+                            && start.elapsed() < NO_QUORUM_AFTER.max(self.request_timeout / 2) =>
                     {
                         tokio::time::sleep(POLL * 5).await;
                         continue;
@@ -512,6 +534,10 @@ impl Consensus for RaftConsensus {
 
     fn was_removed(&self, id: u64) -> bool {
         self.members.is_removed(id)
+    }
+
+    fn learn_peer(&self, id: u64, addr: &str) {
+        self.members.learn(id, addr);
     }
 
     fn cluster_id(&self) -> Option<u64> {

@@ -137,6 +137,7 @@ impl Senders {
             self.queues.insert(id, (addr.clone(), tx));
             let sender = PeerSender {
                 from: self.self_id,
+                from_addr: self.members.recorded_addr(self.self_id),
                 to: id,
                 addr,
                 auth: self.auth.clone(),
@@ -151,6 +152,7 @@ impl Senders {
 
 struct PeerSender {
     from: u64,
+    from_addr: String,
     to: u64,
     addr: String,
     auth: PeerAuth,
@@ -191,6 +193,7 @@ impl PeerSender {
             let deadline = CALL_DEADLINE + Duration::from_millis(bytes * 1000 / BYTES_PER_SEC);
             let req = pb::RaftBatch {
                 from: self.from,
+                from_addr: self.from_addr.clone(),
                 messages: batch
                     .iter()
                     .filter_map(|m| m.write_to_bytes().ok())
