@@ -589,22 +589,44 @@ fn node_config_errors() {
     // ... and the node did not create its data dir on the way out.
     assert!(!dir.path().join("x").join("piehole.sock").exists());
 
-    // A secret file that is too short is refused too.
-    let short = dir.path().join("short-secret");
-    std::fs::write(&short, "tooshort\n").unwrap();
-    let e = node_error(&[
-        "--id",
-        "1",
-        "--data-dir",
-        &d("x"),
-        "--listen",
-        &open,
-        "--peers",
-        &format!("1={open}"),
-        "--cluster-secret-file",
-        short.to_str().unwrap(),
-    ]);
-    assert!(e.contains("secret"), "{e}");
+    // A secret file others can read, one too short, one with characters
+    // that cannot travel in a header: each refused with its reason.
+    let secret_with = |name: &str, text: &str, mode: u32| {
+        use std::os::unix::fs::PermissionsExt as _;
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p.display().to_string()
+    };
+    for (file, needle) in [
+        (
+            secret_with("readable", "a secret others can read\n", 0o644),
+            "can be read by others (mode 644)",
+        ),
+        (
+            secret_with("group", "a secret the group can read\n", 0o640),
+            "can be read by others (mode 640)",
+        ),
+        (secret_with("short", "tooshort\n", 0o600), "at least 16"),
+        (
+            secret_with("binary", "a secret with \u{7f} in it\n", 0o600),
+            "printable ASCII",
+        ),
+    ] {
+        let e = node_error(&[
+            "--id",
+            "1",
+            "--data-dir",
+            &d("x"),
+            "--listen",
+            &open,
+            "--peers",
+            &format!("1={open}"),
+            "--cluster-secret-file",
+            &file,
+        ]);
+        assert!(e.contains(needle), "{file}: {e}");
+    }
 
     // Port in use.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -51,9 +51,7 @@
 mod harness;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use harness::git::{self, Work};
@@ -428,14 +426,15 @@ fn pusher(
             &format!("pusher {i}, push {n}, to replica {}", replica + 1),
         );
         let started = Instant::now();
-        let (status, stderr) = push_bounded(
+        let (status, stderr) = git::push_bounded(
             &work,
             &err_path,
             &["push", rep, &format!("HEAD:refs/heads/{branch}")],
+            PUSH_BOUND,
         );
         let failure = match status {
             Some(s) if s.success() => None,
-            Some(_) => Some(failure_kind(&stderr)),
+            Some(_) => Some(git::failure_kind(&stderr)),
             None => Some("hung"),
         };
         pushes.push(Push {
@@ -452,54 +451,6 @@ fn pusher(
         std::thread::sleep(rng.between(Duration::ZERO, Duration::from_millis(30)));
     }
     (pushes, fetches)
-}
-
-/// Runs git in the work repository with stderr to a file (a hook that
-/// hangs would hold a pipe open), waiting at most [`PUSH_BOUND`]; None if
-/// it had to be killed.
-fn push_bounded(work: &Work, err_path: &Path, args: &[&str]) -> (Option<ExitStatus>, String) {
-    let err_file = File::create(err_path).expect("create the push's stderr file");
-    let mut child = git::git_cmd(&work.path, args)
-        .stdout(Stdio::null())
-        .stderr(err_file)
-        .spawn()
-        .expect("spawn git push");
-    // Waiting for a process to end, bounded; 10 ms adds little to a push.
-    let status = poll(Duration::from_millis(10), PUSH_BOUND, || {
-        child.try_wait().expect("try_wait on git push")
-    });
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    (
-        status,
-        std::fs::read_to_string(err_path).unwrap_or_default(),
-    )
-}
-
-/// The kind of a failed push, from what git and the hook wrote.
-fn failure_kind(stderr: &str) -> &'static str {
-    let kinds: [(&str, &'static str); 11] = [
-        ("catching up", "catching-up"),
-        ("lost its majority", "lost-quorum"),
-        ("no quorum", "no-quorum"),
-        ("did not answer", "no-answer"),
-        ("timed out", "timed-out"),
-        ("unreachable", "unreachable"),
-        // The node went away in the middle of the hook's call (killed).
-        ("went away during the push", "node-went-away"),
-        ("shutting down", "shutting-down"),
-        // etcd refused or could not be reached (compatibility mode).
-        ("etcd at ", "etcd"),
-        ("fetch first", "stale"),
-        ("non-fast-forward", "stale"),
-    ];
-    kinds
-        .iter()
-        .find(|(needle, _)| stderr.contains(needle))
-        .map(|&(_, kind)| kind)
-        .unwrap_or("other")
 }
 
 /// The nemesis until `deadline`: a healthy gap, then a random fault for a

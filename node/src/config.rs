@@ -80,6 +80,33 @@ impl NodeConfig {
     }
 }
 
+/// Reads the cluster secret from a file that only this user can read: a
+/// secret others can read lets them speak to every node's peer port.
+fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let shown = path.display();
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read cluster secret file {shown}: {e}"))?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "cluster secret file {shown} can be read by others (mode {mode:o}): \
+             `chmod 600 {shown}`"
+        ));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(format!(
+            "cluster secret file {shown} belongs to uid {}, not to this node's user (uid {me})",
+            meta.uid()
+        ));
+    }
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read cluster secret file {shown}: {e}"))?;
+    Ok(s.trim().to_string())
+}
+
 /// Parses "1=host:port,2=host:port".
 pub fn parse_peers(s: &str) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
@@ -194,18 +221,21 @@ impl NodeSettings {
             return Err(format!("--peers does not include this node's --id {id}"));
         }
         let cluster_secret = match (self.cluster_secret_file, env_secret) {
-            (Some(path), _) => {
-                let s = std::fs::read_to_string(&path).map_err(|e| {
-                    format!("cannot read cluster secret file {}: {e}", path.display())
-                })?;
-                Some(s.trim().to_string())
-            }
+            (Some(path), _) => Some(read_secret_file(&path)?),
             (None, Some(s)) => Some(s.trim().to_string()),
             (None, None) => None,
         };
         if let Some(s) = &cluster_secret {
             if s.len() < 16 {
                 return Err("the cluster secret must be at least 16 characters".into());
+            }
+            // It travels as an HTTP/2 header value: anything else would make
+            // every peer call fail later, far from the cause.
+            if let Some(bad) = s.chars().find(|c| !(' '..='~').contains(c)) {
+                return Err(format!(
+                    "the cluster secret may hold printable ASCII only (found {:?})",
+                    bad.escape_default().to_string()
+                ));
             }
         }
         if cluster_secret.is_none() && !listen.ip().is_loopback() {

@@ -598,3 +598,57 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// The kind of a failed push, from what git and the hook wrote: the
+/// README's "What a pusher sees". "other" for anything it does not list.
+pub fn failure_kind(stderr: &str) -> &'static str {
+    let kinds: [(&str, &'static str); 11] = [
+        ("catching up", "catching-up"),
+        ("lost its majority", "lost-quorum"),
+        ("no quorum", "no-quorum"),
+        ("did not answer", "no-answer"),
+        ("timed out", "timed-out"),
+        ("unreachable", "unreachable"),
+        // The node went away in the middle of the hook's call (killed).
+        ("went away during the push", "node-went-away"),
+        ("shutting down", "shutting-down"),
+        // etcd refused or could not be reached (compatibility mode).
+        ("etcd at ", "etcd"),
+        ("fetch first", "stale"),
+        ("non-fast-forward", "stale"),
+    ];
+    kinds
+        .iter()
+        .find(|(needle, _)| stderr.contains(needle))
+        .map(|&(_, kind)| kind)
+        .unwrap_or("other")
+}
+
+/// Runs git in the work repository with stderr to a file (a hook that
+/// hangs would hold a pipe open), waiting at most `bound`; returns its
+/// status (None if it had to be killed) and stderr.
+pub fn push_bounded(
+    work: &Work,
+    err_path: &Path,
+    args: &[&str],
+    bound: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    let err_file = std::fs::File::create(err_path).expect("create the push's stderr file");
+    let mut child = git_cmd(&work.path, args)
+        .stdout(Stdio::null())
+        .stderr(err_file)
+        .spawn()
+        .expect("spawn git push");
+    // Waiting for a process to end, bounded; 10 ms adds little to a push.
+    let status = super::poll(Duration::from_millis(10), bound, || {
+        child.try_wait().expect("try_wait on git push")
+    });
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    (
+        status,
+        std::fs::read_to_string(err_path).unwrap_or_default(),
+    )
+}
