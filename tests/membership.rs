@@ -332,7 +332,7 @@ fn removing_the_current_leader_completes_and_the_others_elect_a_new_leader() {
 /// elect a leader, the pusher sees only documented retries, and nothing
 /// acknowledged is lost.
 #[test]
-fn removing_the_leader_while_pushes_run_hands_over_and_loses_no_push() {
+fn removing_the_leader_while_pushes_run_elects_another_and_loses_no_push() {
     let c = Cluster::start_with(3, ARGS);
     let old = c.wait_leader();
     let rest: Vec<u64> = c.ids().into_iter().filter(|&id| id != old).collect();
@@ -375,6 +375,7 @@ fn a_node_that_missed_members_being_added_catches_up_from_them() {
     let mut c = Cluster::start_with(3, ARGS);
     c.cas_ok(1, "g", MAIN, ZERO, &oid(1));
     c.kill(3);
+    c.wait_leader();
     for _ in 0..2 {
         let id = c.new_node(&[1]);
         member_change_ok(&format!("member add {id}"), || c.member_add(1, id));
@@ -385,8 +386,7 @@ fn a_node_that_missed_members_being_added_catches_up_from_them() {
     c.kill(1);
     c.kill(2);
     c.restart(3);
-    let leader = leader_among(&c, &[3, 4, 5], ELECTION_BOUND * 3);
-    assert_ne!(leader, 0);
+    leader_among(&c, &[3, 4, 5], ELECTION_BOUND * 3);
     poll_until("node 3 applied what it missed", PUSHES_GO_ON, || {
         (c.try_refs(3, "g", true)?.get(MAIN)? == &oid(2)).then_some(())
     });
@@ -442,6 +442,11 @@ fn removing_the_leader_while_it_takes_writes_stops_it_cleanly() {
     poll_until("writes go through the leader", PUSHES_GO_ON, || {
         (c.try_status(old)?["refs"].as_u64()? >= 20).then_some(())
     });
+    assert!(
+        !writer.is_finished(),
+        "the writer stopped before the removal: {}",
+        c.log(old)
+    );
     member_change_ok(&format!("member remove {old} (the leader)"), || {
         c.member_remove(rest[0], old)
     });
@@ -450,8 +455,7 @@ fn removing_the_leader_while_it_takes_writes_stops_it_cleanly() {
         (!c.is_running(old)).then_some(())
     });
     stop.store(true, Ordering::Relaxed);
-    let writes = writer.join().expect("writer thread");
-    assert!(writes >= 20, "only {writes} writes went through the leader");
+    writer.join().expect("writer thread");
     let log = c.log(old);
     assert!(
         !log.contains("panicked") && !log.contains("internal error"),
@@ -510,6 +514,7 @@ fn a_wiped_node_is_refused_also_when_started_with_join() {
 fn a_learner_that_never_started_is_not_promoted() {
     let mut c = Cluster::start_with(3, ARGS);
     c.kill(3);
+    c.wait_leader();
     let new = c.new_node(&[1]);
     member_change_ok(&format!("member add {new}"), || c.member_add(1, new));
     // Each write is a round through the leader, which looks for learners
@@ -699,6 +704,14 @@ fn a_node_added_to_a_cluster_with_100k_refs_becomes_a_voter_through_a_snapshot()
         s["snapshots_installed"].as_u64().unwrap_or(0) >= 1,
         "node {new} became a voter without installing a snapshot: {s}"
     );
+    // Promoted within 64 entries of the leader: let it apply the rest.
+    let leader = c.wait_leader();
+    let commit = c.status(leader)["commit_index"].as_u64().unwrap();
+    poll_until(
+        &format!("node {new} applied up to {commit}"),
+        PUSHES_GO_ON,
+        || (c.try_status(new)?["applied_index"].as_u64()? >= commit).then_some(()),
+    );
     assert_bulk_refs(&c, new, &expected);
 }
 
@@ -730,7 +743,7 @@ fn member_add_of_an_existing_id_is_refused_and_changes_nothing() {
     let spec = format!("2=127.0.0.1:{}", free_port());
     let o = c.run(&["member", "add", &spec, "--node", sock.to_str().unwrap()]);
     let line = assert_one_line_error(&o, 1);
-    eprintln!("member add {spec}: {line}");
+    assert!(line.contains("already a member"), "{line}");
     for id in c.ids() {
         assert_eq!(members_of(&c.member_list(id)), before, "node {id}");
     }
@@ -750,7 +763,7 @@ fn member_add_of_a_removed_id_is_refused_and_changes_nothing() {
     let before = members_of(&c.member_list(1));
     let o = c.member_add(1, 3);
     let line = assert_one_line_error(&o, 1);
-    eprintln!("member add 3 after its removal: {line}");
+    assert!(line.contains("never reused"), "{line}");
     for id in [1, 2] {
         assert_eq!(members_of(&c.member_list(id)), before, "node {id}");
     }
@@ -1066,15 +1079,21 @@ fn members_of(list: &serde_json::Value) -> BTreeMap<u64, (String, String)> {
         .collect()
 }
 
-/// Runs a `member add|remove` until it exits 0; a refusal because another
-/// change is still in progress is tried again, any other failure panics.
+/// Runs a `member add|remove` until it exits 0; a refusal that says to try
+/// again (another change in progress, leadership moving) is tried again,
+/// any other failure panics.
 fn member_change_ok(what: &str, f: impl Fn() -> Output) {
     poll_until(&format!("{what} succeeds"), CHANGE_RETRY, || {
         let o = f();
         if o.status.success() {
             return Some(());
         }
-        assert!(stderr(&o).contains("in progress"), "{what}: {}", show(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains("in progress") || err.contains("try again"),
+            "{what}: {}",
+            show(&o)
+        );
         None
     })
 }
