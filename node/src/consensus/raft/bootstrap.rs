@@ -193,6 +193,14 @@ async fn ask(addr: &str, auth: &PeerAuth) -> Result<pb::ClusterInfoReply, String
     }
 }
 
+/// What a removed node says when it stops or refuses to start.
+pub(super) fn removed_message(id: u64, why: &str) -> String {
+    format!(
+        "node {id} was removed from the cluster ({why}); its data dir is no longer used: \
+         delete it, and `piehole member add` this host under a new id to bring it back"
+    )
+}
+
 fn replace_procedure(id: u64) -> String {
     format!(
         "to replace a lost node: `piehole member remove {id}` on a member, then \
@@ -441,11 +449,14 @@ async fn check_still_member(
     let members = state.members()?;
     if members.get(&config.id).is_some_and(|m| m.removed) {
         bail!(
-            "node {} was removed from cluster {}; its data dir {} is no longer used: delete \
-             it, and `piehole member add` this host under a new id to bring it back",
-            config.id,
-            cluster_hex(cluster_id),
-            config.data_dir.display()
+            "{}",
+            removed_message(
+                config.id,
+                &format!(
+                    "cluster {}, as this data dir recorded",
+                    cluster_hex(cluster_id)
+                )
+            )
         );
     }
     let mut addrs: BTreeMap<u64, String> = members
@@ -476,14 +487,13 @@ async fn check_still_member(
         }
         ours += 1;
         if reply.members.iter().any(|m| m.id == config.id && m.removed) {
-            return Err(anyhow!(
-                "node {} was removed from cluster {} (node {id} says so); its data dir {} \
-                 is no longer used: delete it, and `piehole member add` this host under a \
-                 new id to bring it back",
-                config.id,
-                cluster_hex(cluster_id),
-                config.data_dir.display()
-            ));
+            bail!(
+                "{}",
+                removed_message(
+                    config.id,
+                    &format!("cluster {}, node {id} says so", cluster_hex(cluster_id))
+                )
+            );
         }
     }
     if ours == 0 && !foreign.is_empty() {

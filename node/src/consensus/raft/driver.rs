@@ -14,6 +14,7 @@ use raft::prelude::{
 use raft::{ProgressState, RawNode, SnapshotStatus, StateRole};
 use raft_proto::ConfChangeI as _;
 
+use super::bootstrap::removed_message;
 use super::members::MemberBook;
 use super::proposals::Proposals;
 use super::storage::RaftStorage;
@@ -627,13 +628,6 @@ impl Driver {
         };
         *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
     }
-}
-
-fn removed_message(id: u64, why: &str) -> String {
-    format!(
-        "node {id} was removed from the cluster ({why}); its data dir is no longer used: \
-         delete it, and `piehole member add` this host under a new id to bring it back"
-    )
 }
 
 /// The raft change a membership change stands for: one step each, so no
