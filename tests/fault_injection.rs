@@ -746,3 +746,11 @@ fn keep_logs(c: &Cluster, seed: u64) -> PathBuf {
 on_both_backends!(
     pushers_under_kills_and_pauses_lose_no_ack_never_step_back_and_converge_after_heal
 );
+
+/// The same storm over mutual TLS on the peer port.
+#[test]
+fn over_tls_pushers_under_kills_and_pauses_lose_no_ack_never_step_back_and_converge_after_heal() {
+    pushers_under_kills_and_pauses_lose_no_ack_never_step_back_and_converge_after_heal(
+        Backend::raft_tls(),
+    )
+}

@@ -1,6 +1,8 @@
 //! The local API client: everything the `piehole` command (and the tests)
 //! say to a node goes through [`LocalClient`], over the node's Unix socket.
 
+pub mod certs;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -3,11 +3,14 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::access::{resolve_group, RepoRoots};
 use crate::durability::Durability;
+use crate::peer_client::PeerTls;
 
 /// Settings as written by a user (flags or `--config FILE`).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -34,6 +37,24 @@ pub struct NodeSettings {
     pub paused: Option<bool>,
     /// First start of a member added with `member add`: members to ask.
     pub join: Option<Vec<String>>,
+    /// Group (name or gid) whose members are admins beside root and the
+    /// node's user.
+    pub admin_group: Option<String>,
+    /// Group (name or gid) the local socket belongs to: the pushers.
+    pub socket_group: Option<String>,
+    /// Directories the node keeps repositories under (repeatable).
+    pub repo_root: Option<Vec<PathBuf>>,
+    /// Most connections the peer port holds open at once.
+    pub max_peer_connections: Option<usize>,
+    /// Largest pack taken from a peer.
+    pub max_pack_bytes: Option<u64>,
+    /// Most groups the cluster may hold: a new group beyond it is refused.
+    pub max_groups: Option<u64>,
+    /// Mutual TLS on the peer port: this node's certificate and key, and
+    /// the CA every member's certificate is signed by (all PEM).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// Compatibility mode: where the consensus lives in etcd, and how to log in.
@@ -72,6 +93,13 @@ pub struct NodeConfig {
     pub paused: bool,
     /// Members to ask on the first start of a node added with `member add`.
     pub join: Option<Vec<String>>,
+    pub admin_gid: Option<u32>,
+    pub socket_gid: Option<u32>,
+    pub repo_roots: RepoRoots,
+    pub max_peer_connections: usize,
+    pub max_pack_bytes: u64,
+    pub max_groups: u64,
+    pub tls: Option<Arc<PeerTls>>,
 }
 
 impl NodeConfig {
@@ -83,28 +111,34 @@ impl NodeConfig {
 /// Reads the cluster secret from a file that only this user can read: a
 /// secret others can read lets them speak to every node's peer port.
 fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+    owner_only(path, "cluster secret file")?;
+    let shown = path.display();
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read cluster secret file {shown}: {e}"))?;
+    Ok(s.trim().to_string())
+}
+
+/// Refuses a file holding a secret that others can read or that another
+/// user owns.
+fn owner_only(path: &std::path::Path, what: &str) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt as _;
     let shown = path.display();
-    let meta = std::fs::metadata(path)
-        .map_err(|e| format!("cannot read cluster secret file {shown}: {e}"))?;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {what} {shown}: {e}"))?;
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(format!(
-            "cluster secret file {shown} can be read by others (mode {mode:o}): \
-             `chmod 600 {shown}`"
+            "{what} {shown} can be read by others (mode {mode:o}): `chmod 600 {shown}`"
         ));
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     if meta.uid() != me {
         return Err(format!(
-            "cluster secret file {shown} belongs to uid {}, not to this node's user (uid {me})",
+            "{what} {shown} belongs to uid {}, not to this node's user (uid {me})",
             meta.uid()
         ));
     }
-    let s = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read cluster secret file {shown}: {e}"))?;
-    Ok(s.trim().to_string())
+    Ok(())
 }
 
 /// Parses "1=host:port,2=host:port".
@@ -142,6 +176,15 @@ impl NodeSettings {
             advertise: over.advertise.or(self.advertise),
             paused: over.paused.or(self.paused),
             join: over.join.or(self.join),
+            admin_group: over.admin_group.or(self.admin_group),
+            socket_group: over.socket_group.or(self.socket_group),
+            repo_root: over.repo_root.or(self.repo_root),
+            max_peer_connections: over.max_peer_connections.or(self.max_peer_connections),
+            max_pack_bytes: over.max_pack_bytes.or(self.max_pack_bytes),
+            max_groups: over.max_groups.or(self.max_groups),
+            tls_cert: over.tls_cert.or(self.tls_cert),
+            tls_key: over.tls_key.or(self.tls_key),
+            tls_ca: over.tls_ca.or(self.tls_ca),
         }
     }
 
@@ -164,6 +207,7 @@ impl NodeSettings {
             format!("--listen {listen_s:?} is not HOST:PORT with a numeric IP address")
         })?;
         let etcd = self.etcd_config(&listen_s)?;
+        let tls = self.tls()?;
         let join = match self.join {
             None => None,
             Some(_) if etcd.is_some() => {
@@ -178,8 +222,20 @@ impl NodeSettings {
                     .map(|t| t.trim().to_string())
                     .filter(|t| !t.is_empty())
                     .collect();
-                if let Some(bad) = targets.iter().find(|t| !t.contains(':')) {
-                    return Err(format!("--join {bad:?} is not HOST:PORT"));
+                for t in &targets {
+                    let (id, addr) = match t.split_once('=') {
+                        Some((id, addr)) => (Some(id), addr),
+                        None => (None, t.as_str()),
+                    };
+                    if !addr.contains(':') || id.is_some_and(|id| id.parse::<u64>().is_err()) {
+                        return Err(format!("--join {t:?} is not [ID=]HOST:PORT"));
+                    }
+                    if id.is_none() && self.tls_ca.is_some() {
+                        return Err(format!(
+                            "--join {t:?}: with TLS give the member's id too, ID=HOST:PORT, \
+                             so that its certificate can be checked"
+                        ));
+                    }
                 }
                 if targets.is_empty() {
                     return Err("--join needs at least one HOST:PORT of a member".into());
@@ -244,6 +300,14 @@ impl NodeSettings {
                  (use --cluster-secret-file or PIEHOLE_CLUSTER_SECRET)"
             ));
         }
+        let group = |flag: &str, g: &Option<String>| {
+            g.as_deref()
+                .map(|g| resolve_group(g).map_err(|e| format!("{flag}: {e}")))
+                .transpose()
+        };
+        let admin_gid = group("--admin-group", &self.admin_group)?;
+        let socket_gid = group("--socket-group", &self.socket_group)?;
+        let repo_roots = RepoRoots::new(self.repo_root.as_deref().unwrap_or_default())?;
         let durability = match self.durability {
             Some(d) => d.parse()?,
             None => Durability::default(),
@@ -266,7 +330,44 @@ impl NodeSettings {
             etcd,
             paused: self.paused.unwrap_or(false),
             join,
+            admin_gid,
+            socket_gid,
+            repo_roots,
+            max_peer_connections: self.max_peer_connections.unwrap_or(512).max(8),
+            max_pack_bytes: self.max_pack_bytes.unwrap_or(32 << 30),
+            max_groups: self.max_groups.unwrap_or(100_000),
+            tls,
         })
+    }
+
+    /// The peer port's TLS material, read and checked; None without it.
+    fn tls(&self) -> Result<Option<Arc<PeerTls>>, String> {
+        let (cert, key, ca) = match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, None, None) => return Ok(None),
+            (Some(c), Some(k), Some(a)) => (c, k, a),
+            _ => return Err("--tls-cert, --tls-key and --tls-ca go together".into()),
+        };
+        let read = |flag: &str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| format!("cannot read {flag} {}: {e}", p.display()))
+        };
+        let pem = |flag: &str, p: &PathBuf, what: &str| -> Result<Vec<u8>, String> {
+            let bytes = read(flag, p)?;
+            if !String::from_utf8_lossy(&bytes).contains(&format!("-----BEGIN {what}")) {
+                return Err(format!("{flag} {} holds no PEM {what}", p.display()));
+            }
+            Ok(bytes)
+        };
+        // The key is a secret like the cluster secret: its file must be ours alone.
+        owner_only(key, "--tls-key")?;
+        let tls = PeerTls {
+            cert: pem("--tls-cert", cert, "CERTIFICATE")?,
+            key: pem("--tls-key", key, "")?,
+            ca: pem("--tls-ca", ca, "CERTIFICATE")?,
+        };
+        if self.etcd.is_some() {
+            return Err("--tls-* is for the embedded Raft's peer port; etcd mode has --etcd-ca, --etcd-cert, --etcd-key".into());
+        }
+        Ok(Some(Arc::new(tls)))
     }
 
     /// The etcd settings, read and checked; None without --etcd.

@@ -98,7 +98,8 @@ impl ObjectQuorum {
             let auth = self.auth.clone();
             let timeout = deadline.saturating_duration_since(Instant::now());
             calls.spawn(async move {
-                let mut client = peer_client::connect(&addr, &auth).map_err(|e| e.to_string())?;
+                let mut client =
+                    peer_client::connect(Some(id), &addr, &auth).map_err(|e| e.to_string())?;
                 match tokio::time::timeout(timeout, client.store_objects(req)).await {
                     Ok(Ok(_)) => Ok(id),
                     Ok(Err(s)) => Err(format!("node {id}: {}", s.message())),

@@ -14,18 +14,21 @@
 //! - [`local_refs`]: the one place that moves a replica's refs.
 //! - [`replicator`]: makes local repositories match the consensus, fetching
 //!   packs from peers through [`api::peer`].
+//! - [`access`]: who may call what on the local socket, repository roots.
 //! - [`config`], [`server`]: settings and wiring.
 //!
 //! Invariants: `consensus` and `state` never touch git; the update rule and
 //! the replicator never see Raft types; only `local_refs` moves local refs.
 
 // tonic::Status is what API handlers return; boxing it would buy nothing.
+pub mod access;
 #[allow(clippy::result_large_err)]
 pub mod api;
 pub mod config;
 pub mod consensus;
 pub mod disk;
 pub mod durability;
+pub mod listener;
 pub mod local_refs;
 pub mod peer_client;
 pub mod push;

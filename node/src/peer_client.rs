@@ -9,7 +9,7 @@ use piehole_protocol::limits::{
 use piehole_protocol::pb::peer_client::PeerClient as GrpcPeerClient;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Who we are and the secret we prove it with.
 #[derive(Clone)]
@@ -18,6 +18,51 @@ pub struct PeerAuth {
     pub secret: Option<Arc<str>>,
     /// Our cluster's id, once bootstrapped or joined (embedded Raft only).
     pub cluster: Option<u64>,
+    /// Mutual TLS on the peer port: our certificate, and the CA a peer's
+    /// must be signed by.
+    pub tls: Option<Arc<PeerTls>>,
+}
+
+/// `--tls-cert`, `--tls-key`, `--tls-ca`, as PEM.
+#[derive(Debug)]
+pub struct PeerTls {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub ca: Vec<u8>,
+}
+
+/// The DNS name a node's certificate must carry (as a subjectAltName):
+/// what binds a node id to a certificate, both ways.
+pub fn node_name(id: u64) -> String {
+    format!("node-{id}.piehole")
+}
+
+impl PeerTls {
+    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+        tonic::transport::ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .client_ca_root(Certificate::from_pem(&self.ca))
+    }
+
+    fn client_config(&self, to: u64) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca))
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .domain_name(node_name(to))
+    }
+}
+
+/// Whether `cert` (DER) names node `id`. The chain was verified against the
+/// CA during the handshake; this checks whose it is.
+pub fn certificate_is_node(cert: &[u8], id: u64) -> bool {
+    let der = rustls_pki_types::CertificateDer::from(cert);
+    let Ok(end) = webpki::EndEntityCert::try_from(&der) else {
+        return false;
+    };
+    let Ok(name) = rustls_pki_types::ServerName::try_from(node_name(id)) else {
+        return false;
+    };
+    end.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
 impl tonic::service::Interceptor for PeerAuth {
@@ -47,8 +92,21 @@ pub type PeerClient = GrpcPeerClient<InterceptedService<Channel, PeerAuth>>;
 /// legitimately streams for long; callers bound each call or each chunk.
 /// HTTP/2 keepalive finds a connection whose packets vanish (a peer frozen
 /// or cut off) within a few seconds, idle or not, and fails what is on it.
-pub fn connect(addr: &str, auth: &PeerAuth) -> anyhow::Result<PeerClient> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+///
+/// With TLS, `to` is the node expected at `addr`: its certificate must
+/// name it. Without TLS it is not needed.
+pub fn connect(to: Option<u64>, addr: &str, auth: &PeerAuth) -> anyhow::Result<PeerClient> {
+    let scheme = if auth.tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+    if let Some(tls) = &auth.tls {
+        let to = to.ok_or_else(|| {
+            anyhow::anyhow!(
+                "with TLS the id of the node at {addr} must be known (--join ID=HOST:PORT)"
+            )
+        })?;
+        endpoint = endpoint.tls_config(tls.client_config(to))?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(1))
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(2))

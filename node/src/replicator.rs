@@ -23,6 +23,7 @@ use piehole_protocol::pb;
 use piehole_repo::Replica;
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::access::{RepoRoots, REFUSALS};
 use crate::consensus::Consensus;
 use crate::local_refs::{LocalRefs, Scope, Synced};
 use crate::peer_client::{self, PeerAuth};
@@ -53,6 +54,9 @@ pub struct Replicator {
     node_id: u64,
     auth: PeerAuth,
     reconcile_every: Duration,
+    roots: RepoRoots,
+    /// `--max-pack-bytes`: a peer cannot fill this node's disk with one pack.
+    max_pack_bytes: u64,
     nudges: mpsc::UnboundedSender<String>,
     nudge_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     /// (group, ref) -> last seen consensus and local values.
@@ -90,6 +94,8 @@ impl Replicator {
         local_refs: Arc<LocalRefs>,
         auth: PeerAuth,
         reconcile_every: Duration,
+        roots: RepoRoots,
+        max_pack_bytes: u64,
     ) -> Arc<Self> {
         let (nudges, rx) = mpsc::unbounded_channel();
         Arc::new(Replicator {
@@ -98,6 +104,8 @@ impl Replicator {
             local_refs,
             auth,
             reconcile_every,
+            roots,
+            max_pack_bytes,
             nudges,
             nudge_rx: Mutex::new(Some(rx)),
             lag: Mutex::default(),
@@ -125,16 +133,43 @@ impl Replicator {
 
     /// The path of this node's replica of `group`, from local state.
     pub fn local_path(&self, group: &str) -> Option<PathBuf> {
-        self.consensus.hosted().remove(group).map(PathBuf::from)
+        let path = self.consensus.hosted().remove(group)?;
+        self.within_roots(group, path)
     }
 
     /// The group this node hosts at `path` (as registered), if any.
     pub fn group_at(&self, path: &Path) -> Option<String> {
-        self.consensus
+        let (group, p) = self
+            .consensus
             .hosted()
             .into_iter()
-            .find(|(_, p)| Path::new(p) == path)
-            .map(|(g, _)| g)
+            .find(|(_, p)| Path::new(p) == path)?;
+        self.within_roots(&group, p).map(|_| group)
+    }
+
+    /// A replica as registered in the log, unless it lies outside the
+    /// node's repository roots: whatever a peer put in the log, the node
+    /// registers, reads, writes and serves nothing outside them.
+    fn within_roots(&self, group: &str, path: String) -> Option<PathBuf> {
+        let path = PathBuf::from(path);
+        // Registered in its canonical form: if it resolves elsewhere now, a
+        // symlink was put in its place.
+        let moved = path.canonicalize().is_ok_and(|real| real != path);
+        let checked = if moved {
+            Err(format!(
+                "{} is no longer where it was registered (a symlink)",
+                path.display()
+            ))
+        } else {
+            self.roots.check(&path)
+        };
+        if let Err(e) = checked {
+            if REFUSALS.allow(&format!("outside roots {group}")) {
+                tracing::error!(group, error = %e, "replica registered through the log refused");
+            }
+            return None;
+        }
+        Some(path)
     }
 
     /// Refs that differ from the consensus (unfetchable ones first), and
@@ -449,7 +484,8 @@ impl Replicator {
             .peers()
             .remove(&source)
             .ok_or_else(|| format!("node {source} is not a member"))?;
-        let mut client = peer_client::connect(&addr, &self.auth).map_err(|e| e.to_string())?;
+        let mut client =
+            peer_client::connect(Some(source), &addr, &self.auth).map_err(|e| e.to_string())?;
         let req = pb::FetchPackRequest {
             group: group.into(),
             wants: wants.to_vec(),
@@ -488,6 +524,7 @@ impl Replicator {
         });
         let mut lacked = Vec::new();
         let mut first = true;
+        let mut received: u64 = 0;
         let feed = async {
             loop {
                 let wait = if first { FIRST_ANSWER } else { PACK_IDLE };
@@ -500,6 +537,15 @@ impl Replicator {
                 if first {
                     lacked = next.missing;
                     first = false;
+                }
+                received += next.data.len() as u64;
+                if received > self.max_pack_bytes {
+                    let e = format!(
+                        "the pack from node {source} is larger than --max-pack-bytes {}",
+                        self.max_pack_bytes
+                    );
+                    let _ = tx.send(Err(e.clone())).await;
+                    return Err(e);
                 }
                 if !next.data.is_empty() && tx.send(Ok(next.data)).await.is_err() {
                     return Ok(()); // the indexer stopped; it says why

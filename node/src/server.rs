@@ -7,9 +7,10 @@ use anyhow::{anyhow, Context};
 use piehole_protocol::limits::{MAX_MESSAGE_BYTES, MAX_PEER_MESSAGE_BYTES};
 use piehole_protocol::pb::{local_server::LocalServer, peer_server::PeerServer};
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::StreamExt as _;
 
+use crate::access::{Access, Identified};
 use crate::api::local::LocalService;
 use crate::api::peer::{PeerGate, PeerParts, PeerService};
 use crate::config::NodeConfig;
@@ -20,6 +21,7 @@ use crate::consensus::raft::RaftConsensus;
 use crate::consensus::Consensus;
 use crate::disk::Disk;
 use crate::durability::ObjectQuorum;
+use crate::listener;
 use crate::local_refs::LocalRefs;
 use crate::peer_client::PeerAuth;
 use crate::push::Pushes;
@@ -33,9 +35,22 @@ type Backend = tokio::task::JoinHandle<anyhow::Result<()>>;
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o750))
+    // The socket's group may pass through the data dir to the socket, and
+    // nothing more: it can neither list it nor read the database.
+    std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o710))
         .with_context(|| format!("data dir {} is not usable", config.data_dir.display()))?;
-    let disk = Arc::new(Disk::open(&config.data_dir.join("db"))?);
+    if let Some(gid) = config.socket_gid {
+        std::os::unix::fs::chown(&config.data_dir, None, Some(gid)).with_context(|| {
+            format!(
+                "cannot give data dir {} to group {gid}",
+                config.data_dir.display()
+            )
+        })?;
+    }
+    let db_dir = config.data_dir.join("db");
+    let disk = Arc::new(Disk::open(&db_dir)?);
+    std::fs::set_permissions(&db_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("{} is not usable", db_dir.display()))?;
 
     // Bind the peer port before anything else, so a port in use is a clean
     // error; the peer API serves the bootstrap handshake before consensus runs.
@@ -47,6 +62,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         from: config.id,
         secret: config.cluster_secret.as_deref().map(Arc::from),
         cluster: None,
+        tls: config.tls.clone(),
     };
     let parts: Arc<OnceLock<PeerParts>> = Arc::default();
     let raft_parts = match &config.etcd {
@@ -57,8 +73,10 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         }
         Some(_) => None,
     };
+    let vouch = listener::Vouch::default();
     let gate = PeerGate {
         secret: auth.secret.clone(),
+        vouch: vouch.clone(),
     };
     // Snapshots and raft batches can be far larger than tonic's 4 MB default.
     let peer = tonic::service::interceptor::InterceptedService::new(
@@ -66,18 +84,26 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
             parts: parts.clone(),
             identity: raft_parts.as_ref().map(|(identity, _, _)| identity.clone()),
             self_id: config.id,
+            roots: config.repo_roots.clone(),
+            tls: config.tls.is_some(),
         })
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES),
         gate,
     );
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        server = server
+            .tls_config(tls.server_config())
+            .context("the TLS certificate or key is not usable")?;
+    }
     let mut peer_task = tokio::spawn(
-        tonic::transport::Server::builder()
+        server
             // A peer that froze or vanished mid-stream is found in seconds,
             // and what it held (a pack being built for it) is let go.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(2)))
             .add_service(peer)
-            .serve_with_incoming(TcpListenerStream::new(tcp).map(no_delay)),
+            .serve_with_incoming(listener::bounded(tcp, config.max_peer_connections, vouch)),
     );
 
     let (consensus, inbox, backend): (Arc<dyn Consensus>, _, Backend) =
@@ -111,6 +137,8 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         local_refs.clone(),
         auth.clone(),
         config.reconcile_interval,
+        config.repo_roots.clone(),
+        config.max_pack_bytes,
     );
     tokio::spawn(replicator.clone().run());
     let pushes = Arc::new(Pushes {
@@ -136,6 +164,10 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let unix = UnixListener::bind(&sock_path)
         .with_context(|| format!("cannot bind {}", sock_path.display()))?;
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(gid) = config.socket_gid {
+        std::os::unix::fs::chown(&sock_path, None, Some(gid))
+            .with_context(|| format!("cannot give {} to group {gid}", sock_path.display()))?;
+    }
     let local = LocalServer::new(LocalService {
         consensus,
         replicator,
@@ -144,13 +176,15 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         request_timeout: config.request_timeout,
         durability: config.durability,
         paused: config.paused,
+        access: Access::new(config.admin_gid, config.repo_roots.clone()),
+        max_groups: config.max_groups,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let local_task = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(local)
-            .serve_with_incoming(UnixListenerStream::new(unix)),
+            .serve_with_incoming(UnixListenerStream::new(unix).map(|s| s.map(Identified::new))),
     );
     tracing::info!(id = config.id, listen = %config.listen, socket = %sock_path.display(), "node started");
 
@@ -166,16 +200,6 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     };
     let _ = std::fs::remove_file(&sock_path);
     result
-}
-
-/// Raft and pack traffic is many small messages: Nagle's algorithm against
-/// delayed ACKs would add ~40 ms to a round trip.
-fn no_delay(
-    conn: std::io::Result<tokio::net::TcpStream>,
-) -> std::io::Result<tokio::net::TcpStream> {
-    let conn = conn?;
-    conn.set_nodelay(true)?;
-    Ok(conn)
 }
 
 async fn shutdown_signal() {

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use piehole_protocol::pb::{self, command::Op};
+use piehole_protocol::validate;
 use prost::Message as _;
 use tokio::sync::broadcast;
 
@@ -252,7 +253,25 @@ impl StateMachine {
                 ));
             }
         }
+        // The log is not trusted for being the log: a peer holding the
+        // secret can put anything in it. Every node refuses the same bad
+        // command the same way, so the states stay equal.
+        let invalid = if mutates {
+            validate::command(cmd).err()
+        } else {
+            None
+        };
         let (outcome, changed) = match &cmd.op {
+            _ if invalid.is_some() => (
+                Outcome::Refused(format!(
+                    "{}; nothing was changed",
+                    invalid
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                )),
+                None,
+            ),
             Some(Op::Register(r)) if self.is_removed(r.node_id)? => (
                 Outcome::Refused(format!(
                     "node {} was removed from the cluster; nothing was changed",
@@ -601,6 +620,7 @@ impl StateMachine {
     /// the state and truncating the log it can finish the job.
     pub fn restore(&self, index: u64, data: &[u8], origin: &[u8]) -> anyhow::Result<()> {
         let snap = pb::StateSnapshot::decode(data)?;
+        validate::snapshot(&snap)?;
         let _w = self.writing();
         let mut batch = sled::Batch::default();
         for k in self.tree.iter().keys() {
@@ -944,6 +964,31 @@ mod tests {
         let mut fresh = cas("g", r, "", A);
         fresh.proposed_after = index;
         assert_eq!(sm.apply(index + 1, &fresh).unwrap(), one(true, Some(A)));
+    }
+
+    #[test]
+    fn a_command_that_is_not_valid_is_refused_when_applied_and_changes_nothing() {
+        let (_d, sm) = sm();
+        let mut outside = register_cmd(1, "g", 2);
+        if let Some(Op::Register(r)) = &mut outside.op {
+            r.path = "/srv/../etc".into();
+        }
+        let mut bad_group = register_cmd(2, "g", 2);
+        if let Some(Op::Register(r)) = &mut bad_group.op {
+            r.group = "../x".into();
+        }
+        let bad_ref = cas("g", "refs/heads/a..b", "", A);
+        let bad_id = cas("g", "refs/heads/main", "", "A-not-an-id");
+        for (i, cmd) in [outside, bad_group, bad_ref, bad_id].iter().enumerate() {
+            let index = i as u64 + 1;
+            assert!(
+                matches!(sm.apply(index, cmd).unwrap(), Outcome::Refused(_)),
+                "{cmd:?}"
+            );
+            assert_eq!(sm.applied(), index);
+        }
+        assert!(sm.groups().is_empty());
+        assert_eq!(sm.counts(), (0, 0));
     }
 
     fn register_cmd(index: u64, group: &str, node_id: u64) -> pb::Command {

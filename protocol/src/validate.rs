@@ -11,7 +11,15 @@ pub enum InvalidInput {
     ObjectId(String),
     #[error("invalid group name {0:?}: {1}")]
     GroupName(String, &'static str),
+    #[error("invalid repository path {0:?}: {1}")]
+    RepoPath(String, &'static str),
+    #[error("invalid replicated command: {0}")]
+    Command(String),
 }
+
+/// Most ref updates one replicated command may carry (a `git push --mirror`
+/// of a big repository, a group's first refs).
+pub const MAX_COMMAND_REFS: usize = 100_000;
 
 /// git's all-zeros id, which git uses for "no such ref".
 pub const ZERO_ID: &str = "0000000000000000000000000000000000000000";
@@ -137,6 +145,115 @@ pub fn group_name(name: &str) -> Result<(), InvalidInput> {
     Ok(())
 }
 
+/// Checks a replica's path as it is registered and replicated: absolute,
+/// already normalised (no `.` or `..` component, no `//`), no NUL, at most
+/// 4096 bytes. Whether it lies under the node's repository roots is the
+/// node's own check: only it knows its roots.
+pub fn repo_path(path: &str) -> Result<(), InvalidInput> {
+    let bad = |why| Err(InvalidInput::RepoPath(path.to_string(), why));
+    if path.len() > 4096 {
+        return bad("longer than 4096 bytes");
+    }
+    if !path.starts_with('/') {
+        return bad("must be absolute");
+    }
+    if path.contains('\0') || path.chars().any(|c| c.is_control()) {
+        return bad("must not contain control characters");
+    }
+    if path.len() > 1 && path.ends_with('/') {
+        return bad("must not end with /");
+    }
+    for component in path.split('/').skip(1) {
+        match component {
+            "" if path != "/" => return bad("must not contain an empty component (//)"),
+            "." | ".." => return bad("must not contain . or .. components"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks a replicated command as it is proposed and again as it is
+/// applied: a peer holding the cluster secret can put anything in the log,
+/// so nothing in it is trusted for being there.
+pub fn command(cmd: &crate::pb::Command) -> Result<(), InvalidInput> {
+    use crate::pb::command::Op;
+    let bad = |why: String| Err(InvalidInput::Command(why));
+    match &cmd.op {
+        None => bad("no operation".into()),
+        Some(Op::Read(_)) => Ok(()),
+        Some(Op::Claim(c)) if c.node_id == 0 => bad("claim of node id 0".into()),
+        Some(Op::Claim(_)) => Ok(()),
+        Some(Op::Register(r)) => {
+            group_name(&r.group)?;
+            if r.node_id == 0 {
+                return bad("register for node id 0".into());
+            }
+            repo_path(&r.path)
+        }
+        Some(Op::Push(p)) => {
+            group_name(&p.group)?;
+            if p.updates.is_empty() || p.updates.len() > MAX_COMMAND_REFS {
+                return bad(format!(
+                    "a push carries 1 to {MAX_COMMAND_REFS} updates, not {}",
+                    p.updates.len()
+                ));
+            }
+            for u in &p.updates {
+                ref_name(&u.ref_name)?;
+                object_id(&u.expected)?;
+                object_id(&u.new)?;
+            }
+            Ok(())
+        }
+        Some(Op::Clobber(c)) => {
+            group_name(&c.group)?;
+            if c.refs.len() > MAX_COMMAND_REFS {
+                return bad(format!(
+                    "a clobber carries at most {MAX_COMMAND_REFS} refs, not {}",
+                    c.refs.len()
+                ));
+            }
+            for r in &c.refs {
+                ref_name(&r.ref_name)?;
+                if r.value.is_empty() {
+                    return bad(format!("clobber sets {} to nothing", r.ref_name));
+                }
+                object_id(&r.value)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Checks a state snapshot before it replaces a node's state: every name,
+/// id and path in it, as if each had arrived in its own command.
+pub fn snapshot(s: &crate::pb::StateSnapshot) -> Result<(), InvalidInput> {
+    for g in &s.groups {
+        group_name(&g.name)?;
+        for r in &g.refs {
+            ref_name(&r.ref_name)?;
+            if r.value.is_empty() {
+                return Err(InvalidInput::Command(format!(
+                    "snapshot: {} {} has no value",
+                    g.name, r.ref_name
+                )));
+            }
+            object_id(&r.value)?;
+        }
+        for r in &g.replicas {
+            if r.node_id == 0 {
+                return Err(InvalidInput::Command(format!(
+                    "snapshot: group {} has a replica on node 0",
+                    g.name
+                )));
+            }
+            repo_path(&r.path)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +318,25 @@ mod tests {
         assert!(group_name("my-repo.v2").is_ok());
         for bad in ["", "a/b", "..", "a..b", "x\0y", ".git", "-x", "a b", "/etc"] {
             assert!(group_name(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn repo_paths_are_absolute_and_normalised() {
+        for ok in ["/srv/git/a.git", "/", "/a b/c"] {
+            assert_eq!(repo_path(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "srv/a.git",
+            "/srv/../etc",
+            "/srv/./a",
+            "/srv//a",
+            "/srv/a/",
+            "/srv/a\0b",
+            "/srv/a\nb",
+        ] {
+            assert!(repo_path(bad).is_err(), "{bad:?} should be refused");
         }
     }
 }

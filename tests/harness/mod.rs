@@ -42,6 +42,53 @@ pub enum Backend {
     /// An etcd cluster (`--etcd`); each piehole cluster on it has its own
     /// key prefix.
     Etcd(Arc<Mutex<etcd::Etcd>>),
+    /// The embedded Raft, with mutual TLS on the peer port: every node gets
+    /// a certificate for its id from one throw-away CA.
+    RaftTls(Arc<PeerCerts>),
+}
+
+/// A CA and the node certificates it issued, in a directory of their own.
+pub struct PeerCerts {
+    dir: tempfile::TempDir,
+    authority: Mutex<piehole_client::certs::Authority>,
+    issued: Mutex<BTreeMap<u64, Vec<String>>>,
+}
+
+impl PeerCerts {
+    pub fn new() -> PeerCerts {
+        let dir = tempfile::tempdir().expect("tempdir for certificates");
+        let authority =
+            piehole_client::certs::Authority::new(dir.path(), "cluster").expect("make a CA");
+        PeerCerts {
+            dir,
+            authority: Mutex::new(authority),
+            issued: Mutex::default(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A certificate of another CA, or for another name: for the tests
+    /// that must see them refused.
+    pub fn authority(&self) -> std::sync::MutexGuard<'_, piehole_client::certs::Authority> {
+        self.authority.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Node `id`'s `--tls-*` flags (its certificate made on first use).
+    pub fn args(&self, id: u64) -> Vec<String> {
+        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        issued
+            .entry(id)
+            .or_insert_with(|| {
+                self.authority()
+                    .node(id)
+                    .expect("issue a node certificate")
+                    .args()
+            })
+            .clone()
+    }
 }
 
 impl Backend {
@@ -67,11 +114,18 @@ impl Backend {
         matches!(self, Backend::Etcd(_))
     }
 
+    /// The embedded Raft over mutual TLS.
+    pub fn raft_tls() -> Backend {
+        Backend::RaftTls(Arc::new(PeerCerts::new()))
+    }
+
     /// The etcd behind the cluster; panics in Raft mode.
     pub fn etcd_server(&self) -> std::sync::MutexGuard<'_, etcd::Etcd> {
         match self {
             Backend::Etcd(e) => e.lock().unwrap_or_else(|e| e.into_inner()),
-            Backend::Raft => panic!("this cluster runs the embedded Raft, not etcd"),
+            Backend::Raft | Backend::RaftTls(_) => {
+                panic!("this cluster runs the embedded Raft, not etcd")
+            }
         }
     }
 }
@@ -573,7 +627,7 @@ impl Cluster {
             n.addr.clone(),
         ];
         match &self.backend {
-            Backend::Raft => match &n.join {
+            Backend::Raft | Backend::RaftTls(_) => match &n.join {
                 Some(join) => args.extend(["--join".into(), join.clone()]),
                 None => args.extend(["--peers".into(), self.peers_arg(id)]),
             },
@@ -589,6 +643,9 @@ impl Cluster {
                     self.etcd_prefix.clone(),
                 ]);
             }
+        }
+        if let Backend::RaftTls(certs) = &self.backend {
+            args.extend(certs.args(id));
         }
         args.extend(self.extra_args.iter().cloned());
         args.extend(self.node_args.get(&id).into_iter().flatten().cloned());

@@ -26,6 +26,9 @@ struct Demo {
     root: PathBuf,
     exe: PathBuf,
     peers: String,
+    /// Each node's `--tls-*` flags: the peer port runs mutual TLS, with a
+    /// throw-away CA.
+    tls: Vec<Vec<String>>,
     ports: Vec<u16>,
     children: Vec<Option<Child>>,
 }
@@ -54,10 +57,17 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .map(|i| format!("{i}=127.0.0.1:{}", ports[i as usize - 1]))
         .collect::<Vec<_>>()
         .join(",");
+    let certs = tmp.path().join("certs");
+    std::fs::create_dir_all(&certs)?;
+    let authority = piehole_client::certs::Authority::new(&certs, "demo")?;
+    let tls = (1..=NODES)
+        .map(|id| authority.node(id).map(|c| c.args()))
+        .collect::<anyhow::Result<_>>()?;
     let mut demo = Demo {
         root: tmp.path().to_path_buf(),
         exe: std::env::current_exe()?,
         peers,
+        tls,
         ports,
         children: (0..NODES).map(|_| None).collect(),
     };
@@ -68,7 +78,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         demo.start_node(id)?;
     }
     let leader = demo.wait_for("a leader to be elected", |d| d.leader(1))?;
-    println!("  3 nodes up, node {leader} leads ({:.0} ms)", ms(t));
+    println!(
+        "  3 nodes up, node {leader} leads, peers speak mutual TLS ({:.0} ms)",
+        ms(t)
+    );
 
     for id in 1..=NODES {
         let repo = demo.repo(id);
@@ -194,6 +207,7 @@ impl Demo {
                 &format!("127.0.0.1:{}", self.ports[id as usize - 1]),
             ])
             .args(["--peers", &self.peers, "--reconcile-interval-ms", "1000"])
+            .args(&self.tls[id as usize - 1])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -72,6 +72,41 @@ pub struct Args {
     /// for moving the consensus between the embedded Raft and etcd.
     #[arg(long)]
     paused: bool,
+    /// Members of this group (name or gid) are admins of the node, beside
+    /// root and the node's own user: clobber, ref cas, member changes.
+    #[arg(long)]
+    admin_group: Option<String>,
+    /// The local socket's group (name or gid): the users who push. They
+    /// reach the socket and nothing else in the data dir.
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Keep repositories only under this directory (repeatable): nothing
+    /// outside it is registered, read, written or served, whatever arrives
+    /// through the log.
+    #[arg(long)]
+    repo_root: Option<Vec<PathBuf>>,
+    /// Most connections the peer port holds open at once; beyond it the
+    /// oldest that has not spoken yet is closed [default: 512].
+    #[arg(long)]
+    max_peer_connections: Option<usize>,
+    /// Largest pack this node takes from a peer, in bytes [default: 32 GiB].
+    #[arg(long)]
+    max_pack_bytes: Option<u64>,
+    /// Most groups the cluster may hold; installing a new group beyond it
+    /// is refused [default: 100000].
+    #[arg(long)]
+    max_groups: Option<u64>,
+    /// Mutual TLS on the peer port: this node's certificate (PEM), which
+    /// must carry the DNS name node-ID.piehole; with --tls-key and --tls-ca.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM), readable by the node's user alone.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) every member's certificate is signed by; a peer without
+    /// one, or whose certificate names another node, is refused.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
     /// Read these settings from a TOML file (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -109,6 +144,15 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         advertise: a.advertise,
         paused: a.paused.then_some(true),
         join: a.join,
+        admin_group: a.admin_group,
+        socket_group: a.socket_group,
+        repo_root: a.repo_root,
+        max_peer_connections: a.max_peer_connections,
+        max_pack_bytes: a.max_pack_bytes,
+        max_groups: a.max_groups,
+        tls_cert: a.tls_cert,
+        tls_key: a.tls_key,
+        tls_ca: a.tls_ca,
     };
     let env_secret = std::env::var("PIEHOLE_CLUSTER_SECRET")
         .ok()

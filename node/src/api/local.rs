@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::peer::{change_status, member_change};
 use super::{consensus_status, invalid};
+use crate::access::{Access, Caller};
 use crate::consensus::raft::bootstrap::cluster_hex;
 use crate::consensus::{Consensus, GroupView, RefUpdate};
 use crate::durability::Durability;
@@ -35,35 +36,15 @@ pub struct LocalService {
     pub durability: Durability,
     /// Started with --paused: every write but an import is refused.
     pub paused: bool,
+    /// Who may call what; where repositories may be.
+    pub access: Access,
+    /// `--max-groups`: a new group beyond it is refused.
+    pub max_groups: u64,
 }
 
 /// What a paused node says to a write.
 const PAUSED: &str = "pushes are paused: this node was started with --paused \
                       (to move the consensus between backends); nothing was changed";
-
-/// Admin operations are for root and the node's own user (issue 10 adds
-/// `--admin-group`). The caller's uid comes from the socket (SO_PEERCRED).
-fn require_admin<T>(req: &Request<T>, what: &str) -> Result<(), Status> {
-    let uid = req
-        .extensions()
-        .get::<tonic::transport::server::UdsConnectInfo>()
-        .and_then(|info| info.peer_cred)
-        .map(|cred| cred.uid());
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let own = unsafe { libc::geteuid() };
-    match uid {
-        Some(uid) if uid == 0 || uid == own => Ok(()),
-        Some(uid) => {
-            tracing::warn!(uid, what, "admin operation refused");
-            Err(Status::permission_denied(format!(
-                "{what} is for the node's administrators (root or uid {own}); uid {uid} is not one"
-            )))
-        }
-        None => Err(Status::permission_denied(format!(
-            "{what} is for the node's administrators, and the caller's identity is unknown"
-        ))),
-    }
-}
 
 impl LocalService {
     fn refuse_if_paused(&self) -> Result<(), Status> {
@@ -177,8 +158,11 @@ impl LocalService {
         .map_err(repo_status)
     }
 
-    async fn hook_group(&self, given: &str) -> Result<(PathBuf, String), Status> {
+    /// The repository a hook names and its group, if the caller may move
+    /// its refs.
+    async fn hook_group(&self, caller: &Caller, given: &str) -> Result<(PathBuf, String), Status> {
         let path = repo_path(given)?;
+        self.access.require_writer(caller, &path, "a hook call")?;
         let group = self.replicator.group_at(&path).ok_or_else(|| {
             Status::failed_precondition(format!(
                 "{} is not registered with the local piehole node (run `piehole install` in it)",
@@ -212,7 +196,7 @@ impl Local for LocalService {
                 if id == s.node_id {
                     continue;
                 }
-                let Ok(mut client) = peer_client::connect(addr, &self.auth) else {
+                let Ok(mut client) = peer_client::connect(Some(id), addr, &self.auth) else {
                     continue;
                 };
                 let call = client.peer_status(pb::PeerStatusRequest {});
@@ -270,6 +254,7 @@ impl Local for LocalService {
     }
 
     async fn cas(&self, req: Request<pb::CasRequest>) -> Result<Response<pb::CasReply>, Status> {
+        self.access.require_admin(&req, "setting a ref by hand")?;
         self.refuse_if_paused()?;
         let r = req.into_inner();
         check_ref(&r.group, &r.ref_name, &[&r.expected, &r.new])?;
@@ -293,8 +278,20 @@ impl Local for LocalService {
         &self,
         req: Request<pb::ReadRefsRequest>,
     ) -> Result<Response<pb::ReadRefsReply>, Status> {
+        let caller = Caller::of(&req)?;
         let r = req.into_inner();
         validate::group_name(&r.group).map_err(invalid)?;
+        if !self.access.is_admin(&caller) {
+            // A group's refs are for those who can read its replica here.
+            let path = self.replicator.local_path(&r.group).ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "group {} has no replica on this node that uid {} could read",
+                    r.group, caller.uid
+                ))
+            })?;
+            self.access
+                .require_reader(&caller, &path, "reading a group's refs")?;
+        }
         let view = self
             .consensus
             .group(&r.group, r.linearizable)
@@ -313,9 +310,16 @@ impl Local for LocalService {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterReply>, Status> {
         self.refuse_if_paused()?;
+        let caller = Caller::of(&req)?;
         let r = req.into_inner();
         validate::group_name(&r.group).map_err(invalid)?;
         let path = repo_path(&r.path)?;
+        self.access
+            .roots
+            .check(&path)
+            .map_err(Status::permission_denied)?;
+        self.access
+            .require_writer(&caller, &path, "registering a repository")?;
         let check = path.clone();
         blocking(move || Replica::open(&check).map(|_| ()))
             .await
@@ -336,9 +340,26 @@ impl Local for LocalService {
             .await
             .map_err(consensus_status)?;
         let mut reply = pb::RegisterReply::default();
-        if view.replicas.get(&me).map(String::as_str) == Some(path_s) {
+        let already = view.replicas.get(&me).map(String::as_str) == Some(path_s);
+        // A group with refs but no replica left (its last replica's node was
+        // removed) is not new either: whoever installs it gets its refs.
+        if !already && (!view.replicas.is_empty() || !view.refs.is_empty()) {
+            // Joining a group brings its objects into the repository, and
+            // moving one's replica here redirects its pushes: neither is
+            // for whoever can write some repository.
+            self.access
+                .admin_only(&caller, "joining a group that already has replicas")?;
+        }
+        if already {
             // Already this group's replica here: it follows the group already.
         } else if view.replicas.is_empty() {
+            let (groups, _) = self.consensus.counts();
+            if view.refs.is_empty() && groups >= self.max_groups {
+                return Err(Status::resource_exhausted(format!(
+                    "the cluster holds {groups} groups, its --max-groups; group {} was not created",
+                    r.group
+                )));
+            }
             if r.dry_run {
                 return Ok(Response::new(reply));
             }
@@ -386,7 +407,7 @@ impl Local for LocalService {
         &self,
         req: Request<pb::MemberChangeRequest>,
     ) -> Result<Response<pb::MemberChangeReply>, Status> {
-        require_admin(&req, "changing the members")?;
+        self.access.require_admin(&req, "changing the members")?;
         let change = member_change(req.into_inner())?;
         if matches!(change, crate::consensus::MemberChange::Claim { .. }) {
             return Err(Status::invalid_argument(
@@ -405,6 +426,7 @@ impl Local for LocalService {
         &self,
         req: Request<pb::ClobberRequest>,
     ) -> Result<Response<pb::ClobberReply>, Status> {
+        self.access.require_admin(&req, "clobber")?;
         self.refuse_if_paused()?;
         let r = req.into_inner();
         let path = repo_path(&r.repo_path)?;
@@ -478,6 +500,7 @@ impl Local for LocalService {
         req: Request<pb::HookPushRequest>,
     ) -> Result<Response<pb::HookPushReply>, Status> {
         self.refuse_if_paused()?;
+        let caller = Caller::of(&req)?;
         let r = req.into_inner();
         if r.updates.is_empty() || r.updates.len() > MAX_PUSH_REFS {
             return Err(Status::invalid_argument(format!(
@@ -508,7 +531,7 @@ impl Local for LocalService {
                 new: opt(&u.new),
             });
         }
-        let (path, group) = self.hook_group(&r.repo_path).await?;
+        let (path, group) = self.hook_group(&caller, &r.repo_path).await?;
         let names: Vec<String> = updates.iter().map(|u| u.ref_name.clone()).collect();
         let (git_moves_refs, atomic) = (r.git_moves_refs, r.atomic);
         // Detached: a hook that dies (or times out) mid-call must not cut the
@@ -546,8 +569,9 @@ impl Local for LocalService {
 
     async fn export_consensus(
         &self,
-        _req: Request<pb::ExportRequest>,
+        req: Request<pb::ExportRequest>,
     ) -> Result<Response<pb::ConsensusExport>, Status> {
+        self.access.require_admin(&req, "exporting the consensus")?;
         let groups = self.consensus.groups();
         // One linearizable read brings this node's state up to now; with
         // pushes paused nothing moves after it.
@@ -572,6 +596,7 @@ impl Local for LocalService {
         &self,
         req: Request<pb::ConsensusExport>,
     ) -> Result<Response<pb::ImportReply>, Status> {
+        self.access.require_admin(&req, "importing a consensus")?;
         let export = req.into_inner();
         // Everything is checked before anything is written.
         let mut seen = BTreeSet::new();
@@ -593,7 +618,7 @@ impl Local for LocalService {
                 }
             }
             for r in &g.replicas {
-                if r.node_id == 0 || !Path::new(&r.path).is_absolute() {
+                if r.node_id == 0 || validate::repo_path(&r.path).is_err() {
                     return Err(Status::invalid_argument(format!(
                         "group {}: replica {:?} on node {} is not an absolute path on a member",
                         g.name, r.path, r.node_id
@@ -652,8 +677,9 @@ impl Local for LocalService {
         &self,
         req: Request<pb::HookPostUpdateRequest>,
     ) -> Result<Response<pb::HookPostUpdateReply>, Status> {
+        let caller = Caller::of(&req)?;
         let r = req.into_inner();
-        let (_, group) = self.hook_group(&r.repo_path).await?;
+        let (_, group) = self.hook_group(&caller, &r.repo_path).await?;
         // git has moved these refs: the holds whose values landed end at the
         // replicator's next look, which this asks for now.
         self.replicator.nudge(&group);

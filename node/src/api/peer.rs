@@ -15,6 +15,7 @@ use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
 use super::invalid;
+use crate::access::{RepoRoots, REFUSALS};
 use crate::consensus::raft::bootstrap::{cluster_hex, Identity};
 use crate::consensus::raft::{DriverMsg, REMOVED_MARK};
 use crate::consensus::{Consensus, ConsensusError, MemberChange};
@@ -34,12 +35,19 @@ pub struct PeerService {
     /// The embedded Raft's answer to ClusterInfo; None in etcd mode.
     pub identity: Option<Arc<Identity>>,
     pub self_id: u64,
+    /// `--repo-root`: a proposal registering a replica of this node
+    /// elsewhere is refused at the door.
+    pub roots: RepoRoots,
+    /// Mutual TLS: the node id a caller claims must be its certificate's.
+    pub tls: bool,
 }
 
 /// Checks the cluster secret on every peer call, before anything else.
 #[derive(Clone)]
 pub struct PeerGate {
     pub secret: Option<Arc<str>>,
+    /// Tells the accept loop which connections are peers'.
+    pub vouch: crate::listener::Vouch,
 }
 
 impl tonic::service::Interceptor for PeerGate {
@@ -51,12 +59,15 @@ impl tonic::service::Interceptor for PeerGate {
                 .map(|v| v.as_bytes())
                 .unwrap_or_default();
             if !constant_time_eq(given, secret.as_bytes()) {
-                tracing::warn!(
-                    remote = ?req.remote_addr(),
-                    "peer call with a wrong cluster secret refused"
-                );
+                let remote = req.remote_addr().map(|a| a.ip());
+                if REFUSALS.allow(&format!("secret {remote:?}")) {
+                    tracing::warn!(?remote, "peer call with a wrong cluster secret refused");
+                }
                 return Err(Status::unauthenticated("wrong cluster secret"));
             }
+        }
+        if let Some(remote) = req.remote_addr() {
+            self.vouch.vouch(remote);
         }
         Ok(req)
     }
@@ -86,7 +97,9 @@ impl PeerService {
         if let Some(ours) = parts.consensus.cluster_id() {
             let theirs = md.get(CLUSTER_HEADER).and_then(|v| v.to_str().ok());
             if theirs != Some(cluster_hex(ours).as_str()) {
-                tracing::warn!(?remote, ?from, cluster = ?theirs, "peer call from another cluster refused");
+                if REFUSALS.allow(&format!("cluster {:?}", remote.map(|a| a.ip()))) {
+                    tracing::warn!(?remote, ?from, cluster = ?theirs, "peer call from another cluster refused");
+                }
                 return Err(Status::permission_denied(format!(
                     "this node belongs to cluster {}, not {}",
                     cluster_hex(ours),
@@ -97,17 +110,79 @@ impl PeerService {
         let Some(from) = from else {
             return Err(Status::permission_denied("unknown peer"));
         };
+        if self.tls && !Self::certified_as(req, from) {
+            if REFUSALS.allow(&format!("certificate {:?}", remote.map(|a| a.ip()))) {
+                tracing::warn!(
+                    ?remote,
+                    from,
+                    "peer call whose certificate is not the node it claims refused"
+                );
+            }
+            return Err(Status::permission_denied(format!(
+                "the caller's certificate does not name node {from} ({})",
+                crate::peer_client::node_name(from)
+            )));
+        }
         if parts.consensus.was_removed(from) {
-            tracing::warn!(?remote, from, "peer call from a removed member refused");
+            if REFUSALS.allow(&format!("removed {:?}", remote.map(|a| a.ip()))) {
+                tracing::warn!(?remote, from, "peer call from a removed member refused");
+            }
             return Err(Status::permission_denied(format!(
                 "node {from} {REMOVED_MARK}"
             )));
         }
         if !newcomer && !parts.consensus.peers().contains_key(&from) {
-            tracing::warn!(?remote, from, "peer call from an unknown node refused");
+            if REFUSALS.allow(&format!("unknown {:?}", remote.map(|a| a.ip()))) {
+                tracing::warn!(?remote, from, "peer call from an unknown node refused");
+            }
             return Err(Status::permission_denied("unknown peer"));
         }
         Ok((parts, from))
+    }
+}
+
+impl PeerService {
+    /// Whether the client certificate of the call names node `id`.
+    fn certified_as<T>(req: &Request<T>, id: u64) -> bool {
+        req.peer_certs()
+            .and_then(|certs| certs.first().cloned())
+            .is_some_and(|cert| crate::peer_client::certificate_is_node(&cert, id))
+    }
+
+    /// What raft would accept but this node must not: a snapshot the state
+    /// machine could not restore (it would stop the node once raft had
+    /// taken it), and proposals that are not valid commands or that name a
+    /// replica of this node outside its repository roots. The state machine
+    /// checks every command again when it applies it.
+    fn check_at_the_door(&self, m: &raft::prelude::Message) -> Result<(), Status> {
+        use raft::prelude::{EntryType, MessageType};
+        match m.get_msg_type() {
+            MessageType::MsgSnapshot => {
+                let snap = pb::StateSnapshot::decode(&m.get_snapshot().data[..])
+                    .map_err(|_| Status::invalid_argument("undecodable snapshot data"))?;
+                validate::snapshot(&snap).map_err(invalid)
+            }
+            MessageType::MsgPropose => {
+                for e in m.get_entries() {
+                    if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
+                        continue;
+                    }
+                    let cmd = pb::Command::decode(&e.data[..]).map_err(|_| {
+                        Status::invalid_argument("undecodable command in a proposal")
+                    })?;
+                    validate::command(&cmd).map_err(invalid)?;
+                    if let Some(pb::command::Op::Register(r)) = &cmd.op {
+                        if r.node_id == self.self_id {
+                            self.roots
+                                .check(std::path::Path::new(&r.path))
+                                .map_err(Status::permission_denied)?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -145,13 +220,7 @@ impl Peer for PeerService {
                     "raft message is not from the caller or not for this node",
                 ));
             }
-            // A snapshot the state machine could not restore would stop the
-            // node once raft had accepted it: check it at the door.
-            if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot
-                && pb::StateSnapshot::decode(&m.get_snapshot().data[..]).is_err()
-            {
-                return Err(Status::invalid_argument("undecodable snapshot data"));
-            }
+            self.check_at_the_door(&m)?;
             msgs.push(m);
         }
         if !msgs.is_empty() {

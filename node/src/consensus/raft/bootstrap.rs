@@ -184,8 +184,8 @@ pub async fn establish(
     Ok(cluster_id)
 }
 
-async fn ask(addr: &str, auth: &PeerAuth) -> Result<pb::ClusterInfoReply, String> {
-    let mut client = peer_client::connect(addr, auth).map_err(|e| e.to_string())?;
+async fn ask(to: Option<u64>, addr: &str, auth: &PeerAuth) -> Result<pb::ClusterInfoReply, String> {
+    let mut client = peer_client::connect(to, addr, auth).map_err(|e| e.to_string())?;
     match tokio::time::timeout(ASK_TIMEOUT, client.cluster_info(pb::ClusterInfoRequest {})).await {
         Ok(Ok(reply)) => Ok(reply.into_inner()),
         Ok(Err(status)) => Err(status.message().to_string()),
@@ -233,7 +233,7 @@ async fn handshake(
             if peer == config.id {
                 continue;
             }
-            let reply = match ask(peer_addr, auth).await {
+            let reply = match ask(Some(peer), peer_addr, auth).await {
                 Ok(r) => r,
                 Err(why) => {
                     unanswered.insert(peer, why);
@@ -330,8 +330,13 @@ async fn join(
     let start = Instant::now();
     let mut last_err = String::new();
     loop {
-        for addr in targets {
-            match join_via(config, addr, nonce, auth, start).await {
+        for target in targets {
+            // ID=HOST:PORT, or HOST:PORT (without TLS the id is not needed).
+            let (to, addr) = match target.split_once('=') {
+                Some((id, addr)) => (id.parse().ok(), addr),
+                None => (None, target.as_str()),
+            };
+            match join_via(config, to, addr, nonce, auth, start).await {
                 Ok(reply) => {
                     // Addresses to answer the leader at until its snapshot
                     // brings them.
@@ -369,12 +374,13 @@ const NOT_ADDED_PATIENCE: Duration = Duration::from_secs(5);
 /// and its id never claimed by another data dir, then claims it.
 async fn join_via(
     config: &NodeConfig,
+    to: Option<u64>,
     addr: &str,
     nonce: u64,
     auth: &PeerAuth,
     start: Instant,
 ) -> Result<pb::ClusterInfoReply, JoinError> {
-    let reply = match ask(addr, auth).await {
+    let reply = match ask(to, addr, auth).await {
         Ok(r) if r.cluster_id != 0 => r,
         Ok(_) => {
             return Err(JoinError::Retry(format!(
@@ -426,7 +432,7 @@ async fn join_via(
         nonce,
     };
     let mut client =
-        peer_client::connect(addr, &auth).map_err(|e| JoinError::Retry(e.to_string()))?;
+        peer_client::connect(to, addr, &auth).map_err(|e| JoinError::Retry(e.to_string()))?;
     match tokio::time::timeout(ASK_TIMEOUT * 10, client.change_member(claim)).await {
         Ok(Ok(_)) => Ok(reply),
         Ok(Err(status)) if status.message().contains("another data dir") => Err(lost()),
@@ -473,7 +479,7 @@ async fn check_still_member(
     for (id, addr) in addrs {
         let auth = auth.clone();
         asks.spawn(async move {
-            let reply = ask(&addr, &auth).await;
+            let reply = ask(Some(id), &addr, &auth).await;
             (id, addr, reply)
         });
     }

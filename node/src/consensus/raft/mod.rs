@@ -300,7 +300,7 @@ impl RaftConsensus {
         let Some(addr) = self.members.addr(leader) else {
             return Err(ConsensusError::NoQuorum);
         };
-        let mut client = peer_client::connect(&addr, &self.auth).map_err(|e| {
+        let mut client = peer_client::connect(Some(leader), &addr, &self.auth).map_err(|e| {
             ConsensusError::Unavailable(format!("{NOT_CONNECTED} (node {leader}): {e}"))
         })?;
         let req = pb::MemberChangeRequest {

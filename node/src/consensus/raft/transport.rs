@@ -163,7 +163,7 @@ struct PeerSender {
 
 impl PeerSender {
     async fn run(self, mut rx: UnboundedReceiver<Message>) {
-        let mut client = match peer_client::connect(&self.addr, &self.auth) {
+        let mut client = match peer_client::connect(Some(self.to), &self.addr, &self.auth) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(peer = self.to, addr = %self.addr, error = %e, "bad peer address");
@@ -227,7 +227,7 @@ impl PeerSender {
                     // The connection may be the one that died (packets lost
                     // on a path that has since healed): dial a new one rather
                     // than wait for keepalive to give up on it.
-                    if let Ok(fresh) = peer_client::connect(&self.addr, &self.auth) {
+                    if let Ok(fresh) = peer_client::connect(Some(self.to), &self.addr, &self.auth) {
                         client = fresh;
                     }
                     // Stale by the time the peer is back; raft resends what matters.
