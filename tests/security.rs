@@ -303,9 +303,10 @@ fn proposal(from: u64, to: u64, cmd: &pb::Command) -> pb::RaftBatch {
     }
 }
 
-fn register(node_id: u64, path: &str, request_id: u64, after: u64) -> pb::Command {
+/// A Register of `node_id`'s replica, proposed by `origin`.
+fn register(origin: u64, node_id: u64, path: &str, request_id: u64, after: u64) -> pb::Command {
     pb::Command {
-        origin_node: node_id,
+        origin_node: origin,
         request_id,
         proposed_after: after,
         op: Some(pb::command::Op::Register(pb::RegisterOp {
@@ -379,7 +380,7 @@ fn a_register_through_the_log_outside_the_repo_roots_is_refused_and_touches_noth
                 proposal(
                     follower,
                     leader,
-                    &register(leader, outside_s, 1 << 40, after),
+                    &register(follower, leader, outside_s, 1 << 40, after),
                 ),
                 follower,
             ))
@@ -393,7 +394,7 @@ fn a_register_through_the_log_outside_the_repo_roots_is_refused_and_touches_noth
                 proposal(
                     follower,
                     leader,
-                    &register(follower, "/srv/../etc", (1 << 40) + 1, after),
+                    &register(follower, follower, "/srv/../etc", (1 << 40) + 1, after),
                 ),
                 follower,
             ))
@@ -406,12 +407,26 @@ fn a_register_through_the_log_outside_the_repo_roots_is_refused_and_touches_noth
             proposal(
                 follower,
                 leader,
-                &register(follower, outside_s, (1 << 40) + 2, after),
+                &register(follower, follower, outside_s, (1 << 40) + 2, after),
             ),
             follower,
         ))
         .await
         .expect("a register for another node is proposed");
+        // A command in another node's name would answer that node's request.
+        let e = peer
+            .raft(call(
+                proposal(
+                    follower,
+                    leader,
+                    &register(leader, follower, outside_s, (1 << 40) + 3, after),
+                ),
+                follower,
+            ))
+            .await
+            .expect_err("a proposal in another node's name was accepted");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("name"), "{e:?}");
     });
     poll_until(
         "the follower's register to be applied",
@@ -648,6 +663,14 @@ fn over_mutual_tls_a_cluster_replicates_and_peers_without_the_right_certificate_
             .expect_err("node 3's certificate passed as node 2");
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
         assert!(e.message().contains("does not name node 2"), "{e:?}");
+        let mut info = tonic::Request::new(pb::ClusterInfoRequest {});
+        info.metadata_mut()
+            .insert(FROM_HEADER, "2".parse().unwrap());
+        let e = peer
+            .cluster_info(info)
+            .await
+            .expect_err("ClusterInfo answered node 3's certificate claiming node 2");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
         // No certificate, and one from another CA: no call gets through
         // (the handshake or the first call fails).
         for (what, identity) in [("no certificate", None), ("another CA", Some(&foreign2))] {
@@ -663,6 +686,24 @@ fn over_mutual_tls_a_cluster_replicates_and_peers_without_the_right_certificate_
             assert!(plain.peer_status(status_as(2)).await.is_err());
         }
     });
+    // A node whose own certificate names another id does not start.
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "node".to_string(),
+        "--id".into(),
+        "1".into(),
+        "--data-dir".into(),
+        dir.path().join("d").display().to_string(),
+        "--listen".into(),
+        "127.0.0.1:1".into(),
+        "--peers".into(),
+        "1=127.0.0.1:1".into(),
+    ];
+    args.extend(node3.args());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_piehole(&argv);
+    let line = assert_one_line_error(&out, 1);
+    assert!(line.contains("does not name this node"), "{}", show(&out));
     // The refused peers did not disturb the cluster.
     let head = work.commit("after the refusals");
     work.push_ok(&repos[0], &["main"]);

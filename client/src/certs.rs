@@ -2,7 +2,7 @@
 //! throw-away CA and one certificate per node carrying the name that binds
 //! it to its id (`node-ID.piehole`). A real deployment uses its own CA.
 
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -66,8 +66,15 @@ impl Authority {
         let cert_path = self.dir.join(format!("{file}.pem"));
         let key_path = self.dir.join(format!("{file}.key"));
         std::fs::write(&cert_path, cert.pem())?;
-        std::fs::write(&key_path, key.serialize_pem())?;
-        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+        // Created private: never readable by others, not even for a moment.
+        let _ = std::fs::remove_file(&key_path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, key.serialize_pem().as_bytes()))
+            .with_context(|| format!("write {}", key_path.display()))?;
         Ok(NodeCerts {
             cert: cert_path,
             key: key_path,

@@ -49,7 +49,15 @@ impl Caller {
     pub fn of_stream(stream: &UnixStream) -> Option<Caller> {
         let cred = stream.peer_cred().ok()?;
         let mut gids = vec![cred.gid()];
-        gids.extend(peer_groups(stream.as_raw_fd())?);
+        match peer_groups(stream.as_raw_fd()) {
+            Some(groups) => gids.extend(groups),
+            // Kernels before 4.13: the primary group only.
+            None => {
+                if REFUSALS.allow("SO_PEERGROUPS") {
+                    tracing::warn!("the kernel does not tell a socket peer's groups; only primary groups count");
+                }
+            }
+        }
         Some(Caller {
             uid: cred.uid(),
             gids,

@@ -364,6 +364,19 @@ impl NodeSettings {
             key: pem("--tls-key", key, "")?,
             ca: pem("--tls-ca", ca, "CERTIFICATE")?,
         };
+        // Caught here, not as every peer's refusal later.
+        use rustls_pki_types::pem::PemObject as _;
+        let id = self.id.unwrap_or_default();
+        let ours = rustls_pki_types::CertificateDer::from_pem_slice(&tls.cert)
+            .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+        if !crate::peer_client::certificate_is_node(&ours, id) {
+            return Err(format!(
+                "--tls-cert {} does not name this node: it must carry the DNS name {} \
+                 (a subjectAltName; the common name does not count)",
+                cert.display(),
+                crate::peer_client::node_name(id)
+            ));
+        }
         if self.etcd.is_some() {
             return Err("--tls-* is for the embedded Raft's peer port; etcd mode has --etcd-ca, --etcd-cert, --etcd-key".into());
         }

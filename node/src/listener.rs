@@ -1,6 +1,7 @@
 //! The peer port's accept loop, bounded: at most `cap` connections are
-//! open at once, and a connection whose first call has not passed the
-//! cluster secret within [`VOUCHED_WITHIN`] is closed. When the cap is
+//! open at once, and a connection that has not made a member's call (the
+//! secret, the cluster id, a member's id and certificate) within
+//! [`VOUCHED_WITHIN`] is closed. When the cap is
 //! reached, the oldest connection not vouched for yet makes room for the
 //! newcomer; a real peer calls at once, so a flood of connections that are
 //! idle, or say a few bytes, or make calls without the secret, can neither
@@ -23,7 +24,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::access::REFUSALS;
 
-/// How long a new connection has to make a call that passes the secret.
+/// How long a new connection has to make a member's call.
 pub const VOUCHED_WITHIN: Duration = Duration::from_secs(5);
 
 /// One accepted connection, as the accept loop sees it.
@@ -49,19 +50,26 @@ struct Slots {
     next: u64,
     /// In order of arrival.
     open: BTreeMap<u64, Arc<Slot>>,
-    /// Which slot a remote address holds, for the gate to vouch.
-    by_addr: HashMap<SocketAddr, u64>,
+    /// Which slot a connection (local, remote address) holds, for the
+    /// peer API to vouch.
+    by_addr: HashMap<(SocketAddr, SocketAddr), u64>,
 }
 
-/// The gate's handle on the accept loop: marks a connection as a peer's.
+/// The peer API's handle on the accept loop: marks a connection as a
+/// member's.
 #[derive(Clone, Default)]
 pub struct Vouch(Arc<Mutex<Slots>>);
 
 impl Vouch {
-    /// The connection from `remote` made a call that passed the secret.
-    pub fn vouch(&self, remote: SocketAddr) {
+    /// The connection (`local`, `remote`) made a call that passed the
+    /// secret, the cluster id and the member check.
+    pub fn vouch(&self, local: SocketAddr, remote: SocketAddr) {
         let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = s.by_addr.get(&remote).and_then(|id| s.open.get(id)) {
+        if let Some(slot) = s
+            .by_addr
+            .get(&(local, remote))
+            .and_then(|id| s.open.get(id))
+        {
             slot.vouched.store(true, Ordering::Release);
         }
     }
@@ -72,7 +80,7 @@ pub struct Bounded {
     stream: TcpStream,
     slot: Arc<Slot>,
     id: u64,
-    remote: Option<SocketAddr>,
+    addrs: Option<(SocketAddr, SocketAddr)>,
     slots: Arc<Mutex<Slots>>,
     silence: Pin<Box<tokio::time::Sleep>>,
 }
@@ -81,9 +89,9 @@ impl Drop for Bounded {
     fn drop(&mut self) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.open.remove(&self.id);
-        if let Some(remote) = self.remote {
-            if slots.by_addr.get(&remote) == Some(&self.id) {
-                slots.by_addr.remove(&remote);
+        if let Some(addrs) = self.addrs {
+            if slots.by_addr.get(&addrs) == Some(&self.id) {
+                slots.by_addr.remove(&addrs);
             }
         }
     }
@@ -97,29 +105,38 @@ impl Connected for Bounded {
     }
 }
 
+impl Bounded {
+    /// Err once the connection was evicted or its time to be vouched for
+    /// ran out. Checked on writes too: a peer that stops reading (a zero
+    /// window) keeps hyper in a write, never in a read.
+    fn still_admitted(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.slot.evicted.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed to make room",
+            ));
+        }
+        if !self.slot.vouched.load(Ordering::Acquire) {
+            *self.slot.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+            if self.silence.as_mut().poll(cx).is_ready() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no member's call in time",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl AsyncRead for Bounded {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.slot.evicted.load(Ordering::Acquire) {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "closed to make room",
-            )));
-        }
-        if !this.slot.vouched.load(Ordering::Acquire) {
-            *this.slot.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
-            if this.silence.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no call with the cluster secret in time",
-                )));
-            }
-        }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
+        self.still_admitted(cx)?;
+        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
@@ -129,10 +146,12 @@ impl AsyncWrite for Bounded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.still_admitted(cx)?;
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.still_admitted(cx)?;
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
@@ -145,6 +164,7 @@ impl AsyncWrite for Bounded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.still_admitted(cx)?;
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -180,6 +200,7 @@ pub fn bounded(
             // Raft and pack traffic is many small messages: Nagle's
             // algorithm against delayed ACKs would add ~40 ms a round trip.
             let _ = stream.set_nodelay(true);
+            let addrs = stream.local_addr().ok().map(|local| (local, remote));
             let admitted = {
                 let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
                 if s.open.len() >= cap {
@@ -201,7 +222,9 @@ pub fn bounded(
                     s.next += 1;
                     let slot = Arc::new(Slot::default());
                     s.open.insert(id, slot.clone());
-                    s.by_addr.insert(remote, id);
+                    if let Some(addrs) = addrs {
+                        s.by_addr.insert(addrs, id);
+                    }
                     (id, slot)
                 })
             };
@@ -215,7 +238,7 @@ pub fn bounded(
                 stream,
                 slot,
                 id,
-                remote: Some(remote),
+                addrs,
                 slots: slots.clone(),
                 silence: Box::pin(tokio::time::sleep(VOUCHED_WITHIN)),
             };

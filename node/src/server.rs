@@ -76,7 +76,6 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let vouch = listener::Vouch::default();
     let gate = PeerGate {
         secret: auth.secret.clone(),
-        vouch: vouch.clone(),
     };
     // Snapshots and raft batches can be far larger than tonic's 4 MB default.
     let peer = tonic::service::interceptor::InterceptedService::new(
@@ -86,6 +85,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
             self_id: config.id,
             roots: config.repo_roots.clone(),
             tls: config.tls.is_some(),
+            vouch: vouch.clone(),
         })
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES),
         gate,

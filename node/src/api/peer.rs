@@ -40,14 +40,14 @@ pub struct PeerService {
     pub roots: RepoRoots,
     /// Mutual TLS: the node id a caller claims must be its certificate's.
     pub tls: bool,
+    /// Tells the accept loop which connections are members'.
+    pub vouch: crate::listener::Vouch,
 }
 
 /// Checks the cluster secret on every peer call, before anything else.
 #[derive(Clone)]
 pub struct PeerGate {
     pub secret: Option<Arc<str>>,
-    /// Tells the accept loop which connections are peers'.
-    pub vouch: crate::listener::Vouch,
 }
 
 impl tonic::service::Interceptor for PeerGate {
@@ -65,9 +65,6 @@ impl tonic::service::Interceptor for PeerGate {
                 }
                 return Err(Status::unauthenticated("wrong cluster secret"));
             }
-        }
-        if let Some(remote) = req.remote_addr() {
-            self.vouch.vouch(remote);
         }
         Ok(req)
     }
@@ -137,7 +134,18 @@ impl PeerService {
             }
             return Err(Status::permission_denied("unknown peer"));
         }
+        self.vouch_for(req);
         Ok((parts, from))
+    }
+
+    /// Tells the accept loop that the connection of `req` is a member's.
+    fn vouch_for<T>(&self, req: &Request<T>) {
+        let info = req
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>();
+        if let Some((Some(local), Some(remote))) = info.map(|i| (i.local_addr(), i.remote_addr())) {
+            self.vouch.vouch(local, remote);
+        }
     }
 }
 
@@ -154,7 +162,7 @@ impl PeerService {
     /// taken it), and proposals that are not valid commands or that name a
     /// replica of this node outside its repository roots. The state machine
     /// checks every command again when it applies it.
-    fn check_at_the_door(&self, m: &raft::prelude::Message) -> Result<(), Status> {
+    fn check_at_the_door(&self, m: &raft::prelude::Message, from: u64) -> Result<(), Status> {
         use raft::prelude::{EntryType, MessageType};
         match m.get_msg_type() {
             MessageType::MsgSnapshot => {
@@ -164,13 +172,28 @@ impl PeerService {
             }
             MessageType::MsgPropose => {
                 for e in m.get_entries() {
-                    if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
+                    // Members hand their membership changes to the leader
+                    // through ChangeMember, never as raw proposals.
+                    if e.get_entry_type() != EntryType::EntryNormal {
+                        return Err(Status::invalid_argument(
+                            "a configuration change proposed by a peer",
+                        ));
+                    }
+                    if e.data.is_empty() {
                         continue;
                     }
                     let cmd = pb::Command::decode(&e.data[..]).map_err(|_| {
                         Status::invalid_argument("undecodable command in a proposal")
                     })?;
                     validate::command(&cmd).map_err(invalid)?;
+                    // A peer forwards its own proposals only: one in
+                    // another node's name would answer that node's request.
+                    if cmd.origin_node != from {
+                        return Err(Status::permission_denied(format!(
+                            "node {from} proposed a command in node {}'s name",
+                            cmd.origin_node
+                        )));
+                    }
                     if let Some(pb::command::Op::Register(r)) = &cmd.op {
                         if r.node_id == self.self_id {
                             self.roots
@@ -220,7 +243,7 @@ impl Peer for PeerService {
                     "raft message is not from the caller or not for this node",
                 ));
             }
-            self.check_at_the_door(&m)?;
+            self.check_at_the_door(&m, batch.from)?;
             msgs.push(m);
         }
         if !msgs.is_empty() {
@@ -317,8 +340,22 @@ impl Peer for PeerService {
 
     async fn cluster_info(
         &self,
-        _req: Request<pb::ClusterInfoRequest>,
+        req: Request<pb::ClusterInfoRequest>,
     ) -> Result<Response<pb::ClusterInfoReply>, Status> {
+        // Asked before the caller is a member (a founder, a joiner): with
+        // TLS, still only by the node its certificate names.
+        if self.tls {
+            let from = req
+                .metadata()
+                .get(FROM_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if !from.is_some_and(|from| Self::certified_as(&req, from)) {
+                return Err(Status::permission_denied(
+                    "the caller's certificate does not name the node it claims to be",
+                ));
+            }
+        }
         match &self.identity {
             Some(identity) => identity
                 .info()
