@@ -549,10 +549,17 @@ fn five_thousand_idle_connections_leave_pushes_working_and_the_open_files_bounde
 }
 
 #[test]
-fn a_pack_beyond_max_pack_bytes_is_refused_and_no_group_beyond_max_groups_is_created() {
+fn a_pack_beyond_max_pack_bytes_is_refused_and_no_group_or_ref_beyond_the_quotas_is_created() {
     let c = Cluster::launch_per_node(
         3,
-        &["--max-groups", "1", "--reconcile-interval-ms", "1000"],
+        &[
+            "--max-groups",
+            "1",
+            "--max-refs-per-group",
+            "2",
+            "--reconcile-interval-ms",
+            "1000",
+        ],
         &|id| {
             if id == 2 {
                 vec!["--max-pack-bytes".into(), "20000".into()]
@@ -584,6 +591,26 @@ fn a_pack_beyond_max_pack_bytes_is_refused_and_no_group_beyond_max_groups_is_cre
     let line = assert_one_line_error(&out, 1);
     assert!(line.contains("--max-groups"), "{}", show(&out));
     assert_eq!(c.status(1)["groups"].as_u64(), Some(1));
+
+    // The group holds main; a second ref fits, a third does not.
+    work.push_ok(&repos[0], &["main:refs/heads/second"]);
+    let out = work.push(&repos[0], &["main:refs/heads/third"]);
+    assert!(
+        !out.status.success(),
+        "a push beyond the quota: {}",
+        show(&out)
+    );
+    assert!(
+        stderr(&out).contains("--max-refs-per-group 2"),
+        "{}",
+        show(&out)
+    );
+    let refs = git::consensus(&c, 1, "proj");
+    assert_eq!(refs.len(), 2, "{refs:?}");
+    // Moving an existing ref creates nothing: still allowed.
+    let next = work.commit("next");
+    work.push_ok(&repos[0], &["main"]);
+    assert_eq!(git::consensus(&c, 1, "proj")[MAIN], next);
 }
 
 /// A peer API client for `addr` over TLS, presenting `identity` (cert,

@@ -50,6 +50,8 @@ pub struct NodeSettings {
     pub max_pack_bytes: Option<u64>,
     /// Most groups the cluster may hold: a new group beyond it is refused.
     pub max_groups: Option<u64>,
+    /// Most refs a group may hold: a push creating refs beyond it is refused.
+    pub max_refs_per_group: Option<u64>,
     /// Mutual TLS on the peer port: this node's certificate and key, and
     /// the CA every member's certificate is signed by (all PEM).
     pub tls_cert: Option<PathBuf>,
@@ -99,6 +101,7 @@ pub struct NodeConfig {
     pub max_peer_connections: usize,
     pub max_pack_bytes: u64,
     pub max_groups: u64,
+    pub max_refs_per_group: u64,
     pub tls: Option<Arc<PeerTls>>,
 }
 
@@ -182,6 +185,7 @@ impl NodeSettings {
             max_peer_connections: over.max_peer_connections.or(self.max_peer_connections),
             max_pack_bytes: over.max_pack_bytes.or(self.max_pack_bytes),
             max_groups: over.max_groups.or(self.max_groups),
+            max_refs_per_group: over.max_refs_per_group.or(self.max_refs_per_group),
             tls_cert: over.tls_cert.or(self.tls_cert),
             tls_key: over.tls_key.or(self.tls_key),
             tls_ca: over.tls_ca.or(self.tls_ca),
@@ -336,6 +340,7 @@ impl NodeSettings {
             max_peer_connections: self.max_peer_connections.unwrap_or(512).max(8),
             max_pack_bytes: self.max_pack_bytes.unwrap_or(32 << 30),
             max_groups: self.max_groups.unwrap_or(100_000),
+            max_refs_per_group: self.max_refs_per_group.unwrap_or(1_000_000),
             tls,
         })
     }

@@ -178,6 +178,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         paused: config.paused,
         access: Access::new(config.admin_gid, config.repo_roots.clone()),
         max_groups: config.max_groups,
+        max_refs_per_group: config.max_refs_per_group,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -107,6 +107,10 @@ pub struct Args {
     /// one, or whose certificate names another node, is refused.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// Most refs a group may hold; a push creating refs beyond it is
+    /// refused [default: 1000000].
+    #[arg(long)]
+    max_refs_per_group: Option<u64>,
     /// Read these settings from a TOML file (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -150,6 +154,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         max_peer_connections: a.max_peer_connections,
         max_pack_bytes: a.max_pack_bytes,
         max_groups: a.max_groups,
+        max_refs_per_group: a.max_refs_per_group,
         tls_cert: a.tls_cert,
         tls_key: a.tls_key,
         tls_ca: a.tls_ca,

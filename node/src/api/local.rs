@@ -40,6 +40,9 @@ pub struct LocalService {
     pub access: Access,
     /// `--max-groups`: a new group beyond it is refused.
     pub max_groups: u64,
+    /// `--max-refs-per-group`: a push that would create refs beyond it is
+    /// refused.
+    pub max_refs_per_group: u64,
 }
 
 /// What a paused node says to a write.
@@ -156,6 +159,29 @@ impl LocalService {
         })
         .await
         .map_err(repo_status)
+    }
+
+    /// Refuses a push creating `creates` refs in a group that would then
+    /// hold more than `--max-refs-per-group`. Free while the whole cluster
+    /// holds fewer refs than that; a count of the group's refs otherwise.
+    fn refuse_beyond_ref_quota(&self, group: &str, creates: u64) -> Result<(), Status> {
+        let max = self.max_refs_per_group;
+        if creates == 0 || self.consensus.counts().1 + creates <= max {
+            return Ok(());
+        }
+        let held = self
+            .consensus
+            .local_group(group)
+            .map_err(consensus_status)?
+            .refs
+            .len() as u64;
+        if held + creates > max {
+            return Err(Status::resource_exhausted(format!(
+                "group {group} holds {held} refs and this push creates {creates}: beyond its \
+                 --max-refs-per-group {max}; nothing was changed"
+            )));
+        }
+        Ok(())
     }
 
     /// The repository a hook names and its group, if the caller may move
@@ -532,6 +558,11 @@ impl Local for LocalService {
             });
         }
         let (path, group) = self.hook_group(&caller, &r.repo_path).await?;
+        let creates = updates
+            .iter()
+            .filter(|u| u.old.is_none() && u.new.is_some())
+            .count() as u64;
+        self.refuse_beyond_ref_quota(&group, creates)?;
         let names: Vec<String> = updates.iter().map(|u| u.ref_name.clone()).collect();
         let (git_moves_refs, atomic) = (r.git_moves_refs, r.atomic);
         // Detached: a hook that dies (or times out) mid-call must not cut the
