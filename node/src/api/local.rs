@@ -162,13 +162,13 @@ impl LocalService {
     }
 
     /// Refuses a push creating `creates` refs in a group that would then
-    /// hold more than `--max-refs-per-group`. Free while the whole cluster
-    /// holds fewer refs than that; a count of the group's refs otherwise.
+    /// hold more than `--max-refs-per-group`. Costs a count of the group's
+    /// refs, and only for a push that creates refs.
     fn refuse_beyond_ref_quota(&self, group: &str, creates: u64) -> Result<(), Status> {
-        let max = self.max_refs_per_group;
-        if creates == 0 || self.consensus.counts().1 + creates <= max {
+        if creates == 0 {
             return Ok(());
         }
+        let max = self.max_refs_per_group;
         let held = self
             .consensus
             .local_group(group)
