@@ -554,16 +554,10 @@ impl Driver {
             .iter()
             .filter(|&&v| v == raft.id || self.health.reachable(v))
             .count();
-        // Caught up for real: it answers now, and its log is being
-        // replicated to (not probed, nor waiting for a snapshot) close to ours.
-        let ready = conf.learners().iter().copied().find(|&l| {
-            self.health.reachable(l)
-                && prs.get(l).is_some_and(|p| {
-                    p.state == ProgressState::Replicate
-                        && p.matched > 0
-                        && p.matched + PROMOTE_WITHIN >= last
-                })
-        });
+        let ready =
+            conf.learners().iter().copied().find(|&l| {
+                self.health.reachable(l) && prs.get(l).is_some_and(|p| caught_up(p, last))
+            });
         let Some(learner) = ready else { return };
         if (active_voters + 1) * 2 <= voters.len() + 1 {
             return;
@@ -630,6 +624,20 @@ impl Driver {
     }
 }
 
+/// A learner's log is the leader's, or close to it, for real: it is being
+/// replicated to (not waiting for a snapshot) and within PROMOTE_WITHIN of
+/// `last`; or it holds all of it. A learner that held all of it and then
+/// missed a message (one send over its deadline) is probed again, and raft
+/// leaves it so until the next entry, which may not come for a long time.
+fn caught_up(p: &raft::Progress, last: u64) -> bool {
+    p.matched > 0
+        && match p.state {
+            ProgressState::Replicate => p.matched + PROMOTE_WITHIN >= last,
+            ProgressState::Probe => p.matched >= last,
+            ProgressState::Snapshot => false,
+        }
+}
+
 /// The raft change a membership change stands for: one step each, so no
 /// joint configuration is ever needed (adding a learner does not change the
 /// quorum; a promotion or a removal changes it by one voter).
@@ -648,4 +656,35 @@ fn conf_change_of(change: &pb::MemberChange) -> ConfChangeV2 {
     let mut cc = ConfChangeV2::default();
     cc.set_changes(vec![single].into());
     cc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_learner_is_caught_up_when_replicated_to_closely_or_probed_holding_everything() {
+        let last = 1000;
+        let progress = |state: ProgressState, matched: u64| {
+            let mut p = raft::Progress::new(matched + 1, 256);
+            p.matched = matched;
+            p.state = state;
+            p
+        };
+        assert!(caught_up(&progress(ProgressState::Replicate, last), last));
+        assert!(caught_up(
+            &progress(ProgressState::Replicate, last - PROMOTE_WITHIN),
+            last
+        ));
+        assert!(!caught_up(
+            &progress(ProgressState::Replicate, last - PROMOTE_WITHIN - 1),
+            last
+        ));
+        // Held everything, then one send failed: probed, and nothing new to
+        // send that would make raft replicate to it again.
+        assert!(caught_up(&progress(ProgressState::Probe, last), last));
+        assert!(!caught_up(&progress(ProgressState::Probe, last - 1), last));
+        assert!(!caught_up(&progress(ProgressState::Snapshot, last), last));
+        assert!(!caught_up(&progress(ProgressState::Replicate, 0), 0));
+    }
 }
