@@ -421,13 +421,11 @@ fn garbage_on_the_peer_port_and_the_local_socket() {
     assert_unchanged_and_serving(&c, &before, before_counts);
 }
 
-/// Writes a secret file and returns its path.
-/// A secret file readable by its owner only, as a node requires.
+/// Writes a secret file readable by its owner only, as a node requires,
+/// and returns its path.
 fn secret_file(dir: &std::path::Path, name: &str, secret: &str) -> String {
-    use std::os::unix::fs::PermissionsExt as _;
     let p = dir.join(name);
-    std::fs::write(&p, format!("{secret}\n")).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_private(&p, &format!("{secret}\n"));
     p.display().to_string()
 }
 

@@ -817,6 +817,13 @@ fn a_node_of_another_cluster_leaves_our_members_and_term_unchanged() {
     let our_args = ours.node_args(3);
     let peers = our_args.iter().position(|a| a == "--peers").unwrap() + 1;
     set(&mut args, "--peers", our_args[peers].clone());
+    // Our secret: what keeps it out must be the cluster id, not the secret.
+    let (_, our_secret) = ours.secret.clone().expect("our cluster's secret");
+    set(
+        &mut args,
+        "--cluster-secret-file",
+        our_secret.display().to_string(),
+    );
     let log = theirs.node(3).log_path();
     let logged_before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

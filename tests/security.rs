@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use harness::git::{self, Work};
 use harness::*;
-use piehole_protocol::limits::{CLUSTER_HEADER, FROM_HEADER};
+use piehole_protocol::limits::{CLUSTER_HEADER, FROM_HEADER, SECRET_HEADER};
 use piehole_protocol::pb;
 use prost::Message as _;
 
@@ -104,6 +104,53 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) {
         .output()
         .unwrap();
     assert!(out.status.success(), "chown: {}", show(&out));
+}
+
+/// Group `group` with a replica on every node that the pushers may write
+/// (`git init --shared=group`, owned by the node's user, root), installed
+/// by the operator: the README's per-user deployment.
+fn shared_replicas(c: &Cluster, group: &str) -> Vec<PathBuf> {
+    (1..=3)
+        .map(|id| {
+            let r = git::replica_path(c, id, group);
+            std::fs::create_dir_all(&r).unwrap();
+            git::git_ok(&r, &["init", "--bare", "--quiet", "--shared=group", "."]);
+            chown_tree(&r, 0, PUSHERS);
+            git::install_ok(c, id, &r);
+            r
+        })
+        .collect()
+}
+
+/// Three nodes whose sockets the pushers reach, each with a replica of
+/// group "mine" the pushers may write ([`shared_replicas`]).
+fn pushers_cluster() -> (Cluster, Vec<PathBuf>) {
+    let c = Cluster::start_with(
+        3,
+        &[
+            "--socket-group",
+            &PUSHERS.to_string(),
+            "--reconcile-interval-ms",
+            "500",
+        ],
+    );
+    // The tests' temporary directory is root's alone; a pusher must get
+    // through it to the replicas.
+    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mine = shared_replicas(&c, "mine");
+    (c, mine)
+}
+
+/// `sh -c script` as the pusher, in `dir`.
+fn pusher_sh(dir: &Path, script: &str) -> Output {
+    as_user(
+        PUSHER,
+        PUSHERS,
+        &[PUSHERS],
+        dir,
+        Path::new("sh"),
+        &["-c", script],
+    )
 }
 
 #[track_caller]
@@ -194,16 +241,7 @@ fn a_pusher_on_the_socket_cannot_administer_nor_hook_into_repositories_it_cannot
     // A group the pushers share: the node's user owns its replicas, the
     // pushers' group may write them (`git init --shared=group`), as in the
     // README's per-user deployment. The operator installs it.
-    let mine_all: Vec<PathBuf> = (1..=3)
-        .map(|id| {
-            let r = git::replica_path(&c, id, "mine");
-            std::fs::create_dir_all(&r).unwrap();
-            git::git_ok(&r, &["init", "--bare", "--quiet", "--shared=group", "."]);
-            chown_tree(&r, 0, PUSHERS);
-            git::install_ok(&c, id, &r);
-            r
-        })
-        .collect();
+    let mine_all = shared_replicas(&c, "mine");
     let mine = mine_all[0].clone();
     let clone = c.dir.path().join("work-pusher");
     std::fs::create_dir_all(&clone).unwrap();
@@ -366,12 +404,13 @@ fn a_register_through_the_log_outside_the_repo_roots_is_refused_and_touches_noth
         let mut peer = pb::peer_client::PeerClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
+        let (secret, _) = c.secret.as_ref().expect("the cluster's secret");
         let call = |batch: pb::RaftBatch, from: u64| {
             let mut req = tonic::Request::new(batch);
-            req.metadata_mut()
-                .insert(CLUSTER_HEADER, cluster_id.parse().unwrap());
-            req.metadata_mut()
-                .insert(FROM_HEADER, from.to_string().parse().unwrap());
+            let md = req.metadata_mut();
+            md.insert(CLUSTER_HEADER, cluster_id.parse().unwrap());
+            md.insert(FROM_HEADER, from.to_string().parse().unwrap());
+            md.insert(SECRET_HEADER, secret.parse().unwrap());
             req
         };
         // The leader's own replica, outside its roots: refused at its door.
@@ -654,6 +693,8 @@ fn over_mutual_tls_a_cluster_replicates_and_peers_without_the_right_certificate_
     work.push_ok(&repos[1], &["main"]);
     git::wait_converged(&c, &repos, MAIN, Some(&head));
 
+    // Mutual TLS keeps outsiders off the port: no secret is generated.
+    assert!(!c.node(1).data_dir.join("cluster-secret").exists());
     let cluster_id = c.status(1)["cluster_id"].as_str().unwrap().to_string();
     let ca = certs.dir().join("cluster-ca.pem");
     // Files of their own: the nodes' certificates stay as they are.
@@ -735,4 +776,264 @@ fn over_mutual_tls_a_cluster_replicates_and_peers_without_the_right_certificate_
     let head = work.commit("after the refusals");
     work.push_ok(&repos[0], &["main"]);
     git::wait_converged(&c, &repos, MAIN, Some(&head));
+}
+
+/// A peer status call as node `from` of cluster `cluster_id`, with `secret`
+/// (if any) in the secret header.
+fn peer_status_as(
+    from: u64,
+    cluster_id: &str,
+    secret: Option<&str>,
+) -> tonic::Request<pb::PeerStatusRequest> {
+    let mut req = tonic::Request::new(pb::PeerStatusRequest {});
+    let md = req.metadata_mut();
+    md.insert(CLUSTER_HEADER, cluster_id.parse().unwrap());
+    md.insert(FROM_HEADER, from.to_string().parse().unwrap());
+    if let Some(s) = secret {
+        md.insert(SECRET_HEADER, s.parse().unwrap());
+    }
+    req
+}
+
+/// One `piehole node` on loopback given neither a secret nor TLS, as a user
+/// trying piehole on a shared host would start it.
+fn lone_node(dir: &Path, id: u64, addr: &str, membership: &[&str]) -> ChildGuard {
+    let id_s = id.to_string();
+    let data = dir.join(format!("node-{id}"));
+    let mut args = vec![
+        "node",
+        "--id",
+        &id_s,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        addr,
+        "--request-timeout-ms",
+        "5000",
+    ];
+    args.extend_from_slice(membership);
+    ChildGuard::spawn_piehole(&args, &dir.join(format!("node-{id}.log")))
+}
+
+#[test]
+fn a_loopback_node_without_a_secret_generates_one_only_its_user_can_read_and_refuses_calls_without_it(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let addr1 = format!("127.0.0.1:{}", free_port());
+    let peers = format!("1={addr1}");
+    let mut node1 = lone_node(dir.path(), 1, &addr1, &["--peers", &peers]);
+    let data1 = dir.path().join("node-1");
+    let sock1 = data1.join("piehole.sock");
+    let log1 = dir.path().join("node-1.log");
+    let leads = |node: &mut ChildGuard| {
+        poll_until("node 1 to lead", Duration::from_secs(20), || {
+            assert!(node.alive(), "node 1 exited: {}", tail(&log1, 2000));
+            (status_at(&sock1)?["leader_id"].as_u64()? == 1).then_some(())
+        })
+    };
+    leads(&mut node1);
+
+    // The generated secret: in the data dir, the node's user's alone.
+    let file = data1.join("cluster-secret");
+    let meta = std::fs::metadata(&file).expect("a generated secret file in the data dir");
+    assert_eq!(meta.mode() & 0o777, 0o600, "mode of {}", file.display());
+    assert_eq!(meta.uid(), std::fs::metadata(&data1).unwrap().uid());
+    let secret = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert!(
+        secret.len() >= 32 && secret.chars().all(|c| c.is_ascii_graphic()),
+        "a long printable secret: {secret:?}"
+    );
+    // Another local user cannot read it...
+    let cat = as_user(
+        PUSHER,
+        PUSHERS,
+        &[],
+        dir.path(),
+        Path::new("cat"),
+        &[file.to_str().unwrap()],
+    );
+    assert!(
+        !cat.status.success() && stderr(&cat).contains("Permission denied"),
+        "uid {PUSHER} read the secret: {}",
+        show(&cat)
+    );
+    // ...and without it the peer port answers nothing but a refusal, even
+    // to a caller who knows the cluster id and a member's id.
+    let cluster_id = status_at(&sock1).unwrap()["cluster_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rt = runtime();
+    let call = |secret: Option<&str>| {
+        rt.block_on(async {
+            let mut peer = pb::peer_client::PeerClient::connect(format!("http://{addr1}"))
+                .await
+                .unwrap();
+            peer.peer_status(peer_status_as(1, &cluster_id, secret))
+                .await
+                .map(|_| ())
+        })
+    };
+    let e = call(None).expect_err("a peer call without the secret was answered");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = call(Some("a guess that is long enough")).expect_err("a wrong secret was answered");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    call(Some(&secret)).expect("the generated secret is the node's");
+
+    // A restart keeps the same secret.
+    drop(node1);
+    let mut node1 = lone_node(dir.path(), 1, &addr1, &["--peers", &peers]);
+    leads(&mut node1);
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap().trim(),
+        secret,
+        "the secret changed across a restart"
+    );
+    call(Some(&secret)).expect("the same secret after a restart");
+    call(None).expect_err("a peer call without the secret after a restart");
+
+    // A second node on this host joins when given a copy of the first
+    // one's secret, as the README says.
+    let shared = dir.path().join("shared-secret");
+    write_private(&shared, &std::fs::read_to_string(&file).unwrap());
+    let addr2 = format!("127.0.0.1:{}", free_port());
+    let o = run_piehole(&[
+        "member",
+        "add",
+        &format!("2={addr2}"),
+        "--node",
+        sock1.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "member add: {}", show(&o));
+    let _node2 = lone_node(
+        dir.path(),
+        2,
+        &addr2,
+        &[
+            "--join",
+            &addr1,
+            "--cluster-secret-file",
+            shared.to_str().unwrap(),
+        ],
+    );
+    let sock2 = dir.path().join("node-2").join("piehole.sock");
+    poll_until(
+        "node 2 to join and follow node 1",
+        Duration::from_secs(30),
+        || (status_at(&sock2)?["leader_id"].as_u64()? == 1).then_some(()),
+    );
+    assert!(
+        !dir.path().join("node-2").join("cluster-secret").exists(),
+        "node 2, given a secret, generated one of its own"
+    );
+}
+
+/// A pusher who can write a replica's refs/ plants symlinks in it: a
+/// directory under refs/heads leading into a repository it cannot write,
+/// and a reflog leading to a file it cannot write. The node writes and
+/// deletes refs with its own rights: it must neither delete nor create a
+/// ref through the first, nor append to the file through the second.
+#[test]
+fn symlinks_planted_under_refs_never_lead_the_node_to_write_or_delete_elsewhere() {
+    let (c, mine) = pushers_cluster();
+    let work = Work::new(&c, "root");
+    let first = work.commit("first");
+    work.push_ok(&mine[1], &["main"]);
+    git::wait_converged(&c, &mine, MAIN, Some(&first));
+
+    // Root's: a private repository with a branch, and a file.
+    let private = c.dir.path().join("private.git");
+    git::init_bare(&private);
+    let out = work.git(&["push", "--quiet", private.to_str().unwrap(), "main"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let victim = c.dir.path().join("victim.txt");
+    std::fs::write(&victim, "root's file\n").unwrap();
+    let private_before = tree_listing(&private);
+
+    // The pusher plants them in node 1's replica, which it may write.
+    let plant = format!(
+        // The node's reflogs are not the pusher's to change, but the
+        // repository's directory is the group's: it moves them aside.
+        "set -e; ln -s {} refs/heads/evil; mv logs logs.away; mkdir -p logs/refs/heads; \
+         ln -s {} logs/refs/heads/main",
+        private.join("refs/heads").display(),
+        victim.display()
+    );
+    let out = pusher_sh(&mine[0], &plant);
+    assert!(out.status.success(), "the pusher plants: {}", show(&out));
+
+    // Pushes elsewhere: main moves (node 1 would append to its reflog), and
+    // a branch appears under the planted directory's name.
+    let second = work.commit("second");
+    work.push_ok(&mine[1], &["main", "main:refs/heads/evil/planted"]);
+    git::wait_converged(&c, &mine[1..], MAIN, Some(&second));
+    git::wait_converged(&c, &mine[1..], "refs/heads/evil/planted", Some(&second));
+    // Over several of node 1's reconcile passes (every 500 ms), nothing
+    // outside changes: its own refs/heads/evil/main, which the planted
+    // directory shows, is not deleted, nothing is created, nothing appended.
+    let changed = poll(Duration::from_millis(100), Duration::from_secs(3), || {
+        (tree_listing(&private) != private_before
+            || std::fs::read_to_string(&victim).unwrap() != "root's file\n")
+            .then_some(())
+    });
+    assert!(
+        changed.is_none(),
+        "a file outside the replica changed: victim {:?}, private repository {:?}",
+        std::fs::read_to_string(&victim).unwrap(),
+        tree_listing(&private)
+            .keys()
+            .filter(|p| p.starts_with(private.join("refs")))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(tree_listing(&private), private_before);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's file\n");
+    assert_eq!(
+        git::rev_parse(&private, MAIN).as_deref(),
+        Some(first.as_str())
+    );
+    poll_until(
+        "node 1 to say why it does not move those refs",
+        Duration::from_secs(20),
+        || c.log(1).contains("symlink").then_some(()),
+    );
+}
+
+/// A shared replica's hooks and config are the pushers' to change, so
+/// nothing the node runs with its own rights may read them: a pusher's
+/// `pre-auto-gc` hook in node 1's replica, with gc made due at every pack,
+/// never runs as the node's user when node 1 fetches pushes made elsewhere.
+#[test]
+fn a_pushers_hook_in_a_shared_replica_never_runs_with_the_nodes_rights() {
+    let (c, mine) = pushers_cluster();
+    let marker = c.dir.path().join("ran-as");
+    let plant = format!(
+        "set -e; printf '#!/bin/sh\\nid -u > {}\\n' > hooks/pre-auto-gc; chmod +x hooks/pre-auto-gc; \
+         cp config config.new; printf '[gc]\\n\\tauto = 1\\n\\tautoPackLimit = 1\\n' >> config.new; \
+         mv -f config.new config",
+        marker.display()
+    );
+    let out = pusher_sh(&mine[0], &plant);
+    assert!(out.status.success(), "the pusher plants: {}", show(&out));
+
+    let work = Work::new(&c, "root");
+    for n in 0..3 {
+        let head = work.commit(&format!("pushed elsewhere {n}"));
+        work.push_ok(&mine[1], &["main"]);
+        git::wait_converged(&c, &mine, MAIN, Some(&head));
+    }
+    // gc runs in the background after a fetch: give it time to.
+    let ran = poll(Duration::from_millis(100), Duration::from_secs(5), || {
+        marker.exists().then_some(())
+    });
+    assert!(
+        ran.is_none(),
+        "the pusher's hook ran as uid {}",
+        std::fs::read_to_string(&marker).unwrap_or_default().trim()
+    );
+    poll_until(
+        "node 1 to say it leaves gc to git in the shared replica",
+        Duration::from_secs(20),
+        || c.log(1).contains("git gc skipped").then_some(()),
+    );
 }

@@ -334,33 +334,40 @@ impl RepoRoots {
     }
 }
 
-/// At most one log line per key every this long; the rest are counted and
-/// reported with the next line that gets out.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
-
 /// Refusal logs, rate-limited per key: a caller hammering a port with bad
-/// requests must not fill the disk with warnings.
+/// requests must not fill the disk with warnings. At most one line per key
+/// every `every`; the rest are counted and reported with the next line that
+/// gets out.
 pub struct RefusalLog {
     seen: Mutex<HashMap<String, (Instant, u64)>>,
+    every: Duration,
 }
 
-pub static REFUSALS: std::sync::LazyLock<RefusalLog> = std::sync::LazyLock::new(|| RefusalLog {
-    seen: Mutex::default(),
-});
+pub static REFUSALS: std::sync::LazyLock<RefusalLog> =
+    std::sync::LazyLock::new(|| RefusalLog::every(Duration::from_secs(10)));
 
 impl RefusalLog {
+    /// A log of its own, so that its keys (one per ref, say) never crowd
+    /// out another's.
+    pub fn every(every: Duration) -> RefusalLog {
+        RefusalLog {
+            seen: Mutex::default(),
+            every,
+        }
+    }
+
     /// Whether to log a refusal under `key` now.
     pub fn allow(&self, key: &str) -> bool {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if seen.len() > 10_000 {
-            seen.retain(|_, (at, _)| now.duration_since(*at) < REFUSAL_LOG_EVERY);
+            seen.retain(|_, (at, _)| now.duration_since(*at) < self.every);
             if seen.len() > 10_000 {
                 seen.clear(); // keys from many sources at once: start over
             }
         }
         match seen.get_mut(key) {
-            Some((at, suppressed)) if now.duration_since(*at) < REFUSAL_LOG_EVERY => {
+            Some((at, suppressed)) if now.duration_since(*at) < self.every => {
                 *suppressed += 1;
                 false
             }
@@ -430,9 +437,7 @@ mod tests {
 
     #[test]
     fn refusal_logs_are_rate_limited_per_key() {
-        let log = RefusalLog {
-            seen: Mutex::default(),
-        };
+        let log = RefusalLog::every(Duration::from_secs(10));
         assert!(log.allow("a"));
         assert!(!log.allow("a"));
         assert!(log.allow("b"));

@@ -82,6 +82,8 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// Every member, this node included: id -> peer API address.
     pub peers: BTreeMap<u64, String>,
+    /// None: a loopback node uses the secret it generates in its data dir
+    /// ([`generated_secret`]), or none with TLS.
     pub cluster_secret: Option<String>,
     /// Bound on how long a proposal may wait before failing with a clear error.
     pub request_timeout: Duration,
@@ -119,6 +121,90 @@ fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
     let s = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read cluster secret file {shown}: {e}"))?;
     Ok(s.trim().to_string())
+}
+
+fn check_secret(s: &str) -> Result<(), String> {
+    if s.len() < 16 {
+        return Err("the cluster secret must be at least 16 characters".into());
+    }
+    // It travels as an HTTP/2 header value: anything else would make
+    // every peer call fail later, far from the cause.
+    if let Some(bad) = s.chars().find(|c| !(' '..='~').contains(c)) {
+        return Err(format!(
+            "the cluster secret may hold printable ASCII only (found {:?})",
+            bad.escape_default().to_string()
+        ));
+    }
+    Ok(())
+}
+
+/// The file in the data dir holding the secret a node generates for itself.
+pub const GENERATED_SECRET_FILE: &str = "cluster-secret";
+
+/// The secret of a loopback node given neither a secret nor TLS: without
+/// one, every local user could speak to its peer port as a member. It is
+/// generated on the first start into a file only the node's user can read,
+/// and read back on every later start; other members on this host are
+/// given that file with --cluster-secret-file.
+pub fn generated_secret(data_dir: &std::path::Path) -> Result<String, String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = data_dir.join(GENERATED_SECRET_FILE);
+    let absent = match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => {
+            return Err(format!(
+                "cannot read cluster secret file {}: {e}",
+                path.display()
+            ))
+        }
+        // Whoever could put it there could choose the secret.
+        Ok(m) if !m.is_file() => {
+            return Err(format!(
+                "cluster secret file {} is not a plain file: remove it, and a new secret \
+                 is generated at the next start",
+                path.display()
+            ))
+        }
+        Ok(_) => false,
+    };
+    if absent {
+        let secret: String = {
+            use rand::Rng as _;
+            let bytes: [u8; 32] = rand::thread_rng().gen();
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        };
+        // Written aside and renamed into place, both synced: a node killed
+        // midway leaves no file or the whole secret, never half of one.
+        let fresh = data_dir.join(format!("{GENERATED_SECRET_FILE}.new"));
+        let written = (|| {
+            let _ = std::fs::remove_file(&fresh);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&fresh)?;
+            f.write_all(format!("{secret}\n").as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&fresh, &path)?;
+            std::fs::File::open(data_dir)?.sync_all()
+        })();
+        written.map_err(|e| {
+            format!(
+                "cannot write a cluster secret to {} (through {}): {e}",
+                path.display(),
+                fresh.display()
+            )
+        })?;
+        tracing::info!(
+            file = %path.display(),
+            "no cluster secret given: generated one; other members on this host \
+             need it too (--cluster-secret-file)"
+        );
+    }
+    let secret = read_secret_file(&path)?;
+    check_secret(&secret).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(secret)
 }
 
 /// Refuses a file holding a secret that others can read or that another
@@ -286,17 +372,7 @@ impl NodeSettings {
             (None, None) => None,
         };
         if let Some(s) = &cluster_secret {
-            if s.len() < 16 {
-                return Err("the cluster secret must be at least 16 characters".into());
-            }
-            // It travels as an HTTP/2 header value: anything else would make
-            // every peer call fail later, far from the cause.
-            if let Some(bad) = s.chars().find(|c| !(' '..='~').contains(c)) {
-                return Err(format!(
-                    "the cluster secret may hold printable ASCII only (found {:?})",
-                    bad.escape_default().to_string()
-                ));
-            }
+            check_secret(s)?;
         }
         if cluster_secret.is_none() && !listen.ip().is_loopback() {
             return Err(format!(
@@ -479,6 +555,38 @@ impl NodeSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_generated_secret_is_private_kept_across_starts_and_a_broken_one_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        // What a node killed while writing leaves aside is not in the way.
+        std::fs::write(dir.path().join("cluster-secret.new"), "half").unwrap();
+        let first = generated_secret(dir.path()).unwrap();
+        assert_eq!(first.len(), 64, "{first:?}");
+        let file = dir.path().join(GENERATED_SECRET_FILE);
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!dir.path().join("cluster-secret.new").exists());
+        assert_eq!(generated_secret(dir.path()).unwrap(), first);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(generated_secret(other.path()).unwrap(), first);
+        // One that was tampered with is refused, not replaced.
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, "a secret someone else chose\n").unwrap();
+        std::fs::rename(&file, dir.path().join("kept")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &file).unwrap();
+        let e = generated_secret(dir.path()).unwrap_err();
+        assert!(e.contains("not a plain file"), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        std::fs::rename(dir.path().join("kept"), &file).unwrap();
+        std::fs::write(&file, "short\n").unwrap();
+        let e = generated_secret(dir.path()).unwrap_err();
+        assert!(e.contains("at least 16"), "{e}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = generated_secret(dir.path()).unwrap_err();
+        assert!(e.contains("can be read by others"), "{e}");
+    }
 
     fn settings(id: u64, listen: &str, peers: &str) -> NodeSettings {
         NodeSettings {

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use piehole_repo::confine::Writer;
 use piehole_repo::{Replica, RepoError};
 
 use crate::consensus::Consensus;
@@ -124,6 +125,9 @@ struct Pass {
 impl Pass {
     fn run(self, scope: Scope) -> Result<Synced, RepoError> {
         let repo = Replica::open(&self.path)?;
+        // The moves run on a thread confined to the repository; this one
+        // reads the consensus (the database) between them.
+        let mut writer = Writer::new(&self.path, Replica::open);
         // One connectivity check for the whole pass, made when first needed:
         // what it learns about the repository's refs is learned once.
         let mut checker = None;
@@ -186,7 +190,13 @@ impl Pass {
                     }
                 }
             }
-            match repo.set_ref_keeping_old(&name, have.as_deref(), want.as_deref(), self.message) {
+            let (n, h, w, message) = (name.clone(), have.clone(), want.clone(), self.message);
+            let moved = writer
+                .call(move |r: &Replica| {
+                    r.set_ref_keeping_old(&n, h.as_deref(), w.as_deref(), message)
+                })
+                .and_then(|moved| moved);
+            match moved {
                 Ok(()) => match want {
                     Some(w) => {
                         out.local.insert(name, w);
@@ -213,14 +223,23 @@ impl Pass {
                         None => out.local.remove(&name),
                     };
                 }
+                // Said again every pass until someone acts, and often for
+                // every ref at once (a symlinked logs/): a line a minute
+                // per group, the rest counted.
                 Err(e) => {
-                    tracing::warn!(group = %self.group, ref_name = %name, error = %e, "local ref not moved");
+                    if NOT_MOVED.allow(&self.group) {
+                        tracing::warn!(group = %self.group, ref_name = %name, error = %e, "local ref not moved");
+                    }
                 }
             }
         }
         Ok(out)
     }
 }
+
+/// Refs a pass could not move, logged per group.
+static NOT_MOVED: std::sync::LazyLock<crate::access::RefusalLog> =
+    std::sync::LazyLock::new(|| crate::access::RefusalLog::every(Duration::from_secs(60)));
 
 struct Hold {
     token: u64,

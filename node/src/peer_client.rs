@@ -11,6 +11,19 @@ use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+/// The usual cause of a peer refusing our secret, for the operator.
+pub const SECRET_HINT: &str = "every member must be given the same --cluster-secret-file \
+     (on loopback, a node given none uses the one it generated in its data dir, cluster-secret)";
+
+/// A peer's refusal as one line; a refused secret with its usual cause.
+pub fn refusal(status: &tonic::Status) -> String {
+    if status.code() == tonic::Code::Unauthenticated {
+        format!("{}: {SECRET_HINT}", status.message())
+    } else {
+        status.message().to_string()
+    }
+}
+
 /// Who we are and the secret we prove it with.
 #[derive(Clone)]
 pub struct PeerAuth {

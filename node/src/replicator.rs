@@ -29,6 +29,10 @@ use crate::local_refs::{LocalRefs, Scope, Synced};
 use crate::peer_client::{self, PeerAuth};
 use crate::update_rule::blocking;
 
+/// Shared replicas whose gc was skipped, logged once an hour each.
+static GC_SKIPPED: std::sync::LazyLock<crate::access::RefusalLog> =
+    std::sync::LazyLock::new(|| crate::access::RefusalLog::every(Duration::from_secs(3600)));
+
 /// Groups synced at once.
 const PARALLEL_GROUPS: usize = 4;
 /// Packs this node builds for peers at once.
@@ -494,33 +498,35 @@ impl Replicator {
         let mut stream = tokio::time::timeout(FIRST_ANSWER, client.fetch_pack(req))
             .await
             .map_err(|_| format!("no answer within {FIRST_ANSWER:?}"))?
-            .map_err(|s| s.message().to_string())?
+            .map_err(|s| peer_client::refusal(&s))?
             .into_inner();
         let (tx, mut rx) = mpsc::channel::<Result<Vec<u8>, String>>(8);
         let (repo_path, want_list) = (path.to_path_buf(), wants.to_vec());
         let cleaned = self.cleaned.clone();
         // Spawned now (not when awaited): it drains what the stream feeds it.
         let indexer = tokio::task::spawn_blocking(move || {
-            let repo = Replica::open(&repo_path)?;
-            {
-                // Before this process's first pack lands here, every partial
-                // pack is a killed predecessor's: no clock decides it, so a
-                // node restarted within milliseconds of its death still
-                // sees them as dead. Held during the removal, so a second
-                // fetch waits rather than start a pack among them.
-                let mut cleaned = cleaned.lock().unwrap_or_else(|e| e.into_inner());
-                if cleaned.insert(repo_path.clone()) {
-                    repo.clear_leftovers();
+            piehole_repo::confine::confined(&repo_path.clone(), move || {
+                let repo = Replica::open(&repo_path)?;
+                {
+                    // Before this process's first pack lands here, every partial
+                    // pack is a killed predecessor's: no clock decides it, so a
+                    // node restarted within milliseconds of its death still
+                    // sees them as dead. Held during the removal, so a second
+                    // fetch waits rather than start a pack among them.
+                    let mut cleaned = cleaned.lock().unwrap_or_else(|e| e.into_inner());
+                    if cleaned.insert(repo_path.clone()) {
+                        repo.clear_leftovers();
+                    }
                 }
-            }
-            repo.receive_pack(std::iter::from_fn(|| rx.blocking_recv()))?;
-            let mut still = BTreeSet::new();
-            for w in want_list {
-                if !repo.is_complete(&w)? {
-                    still.insert(w);
+                repo.receive_pack(std::iter::from_fn(|| rx.blocking_recv()))?;
+                let mut still = BTreeSet::new();
+                for w in want_list {
+                    if !repo.is_complete(&w)? {
+                        still.insert(w);
+                    }
                 }
-            }
-            Ok::<_, piehole_repo::RepoError>(still)
+                Ok::<_, piehole_repo::RepoError>(still)
+            })
         });
         let mut lacked = Vec::new();
         let mut first = true;
@@ -531,7 +537,7 @@ impl Replicator {
                 let next = match tokio::time::timeout(wait, stream.message()).await {
                     Ok(Ok(Some(chunk))) => chunk,
                     Ok(Ok(None)) => return Ok(()),
-                    Ok(Err(s)) => return Err(s.message().to_string()),
+                    Ok(Err(s)) => return Err(peer_client::refusal(&s)),
                     Err(_) => return Err(format!("the pack stream stalled for {wait:?}")),
                 };
                 if first {
@@ -582,8 +588,21 @@ impl Replicator {
         let path = path.to_path_buf();
         tokio::spawn(async move {
             let p = path.clone();
-            if let Err(e) = blocking(move || Replica::open(&p)?.gc_auto()).await {
-                tracing::warn!(repo = %path.display(), error = %e, "git gc --auto failed");
+            match blocking(move || Replica::open(&p)?.gc_auto()).await {
+                Ok(()) => {}
+                Err(piehole_repo::RepoError::OthersCanChange(what)) => {
+                    if GC_SKIPPED.allow(&path.display().to_string()) {
+                        tracing::warn!(
+                            repo = %path.display(),
+                            others_can_change = %what.display(),
+                            "git gc skipped: git would run with this node's rights what others \
+                             can change here; git runs gc --auto itself after each push it receives"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(repo = %path.display(), error = %e, "git gc --auto failed")
+                }
             }
             me.gc_running
                 .lock()

@@ -58,9 +58,18 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
 
+    let secret = match (&config.cluster_secret, &config.tls) {
+        (Some(secret), _) => Some(secret.clone()),
+        // Mutual TLS keeps everyone without a certificate off the port.
+        (None, Some(_)) => None,
+        // Only on loopback: the configuration refuses anything else.
+        (None, None) => {
+            Some(crate::config::generated_secret(&config.data_dir).map_err(anyhow::Error::msg)?)
+        }
+    };
     let mut auth = PeerAuth {
         from: config.id,
-        secret: config.cluster_secret.as_deref().map(Arc::from),
+        secret: secret.as_deref().map(Arc::from),
         cluster: None,
         tls: config.tls.clone(),
     };
@@ -188,6 +197,12 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
             .serve_with_incoming(UnixListenerStream::new(unix).map(|s| s.map(Identified::new))),
     );
     tracing::info!(id = config.id, listen = %config.listen, socket = %sock_path.display(), "node started");
+    if !piehole_repo::confine::available() {
+        tracing::warn!(
+            "Landlock is not available on this kernel: writes into replicas rely on the \
+             node's symlink checks alone, not on the kernel (README, Security)"
+        );
+    }
 
     let result = tokio::select! {
         _ = shutdown_signal() => Ok(()),

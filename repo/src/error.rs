@@ -42,6 +42,17 @@ pub enum RepoError {
     #[error("bad pack: {0}")]
     BadPack(String),
 
+    #[error("ref {name}: {} is a symlink or not a plain file, and refs are not written through one", .link.display())]
+    RefThroughSymlink { name: String, link: PathBuf },
+
+    #[error("{}: a symlink or not a directory, and packs are not written through one", .0.display())]
+    PacksElsewhere(PathBuf),
+
+    /// The repository is not this process's user's alone: `0` is what
+    /// another user (or a group) can change, or a symlink.
+    #[error("{}: others can change it", .0.display())]
+    OthersCanChange(PathBuf),
+
     #[error("{}: path is not valid UTF-8", .0.display())]
     NonUtf8Path(PathBuf),
 

@@ -13,6 +13,8 @@
 //!   libgit2 there, so the ones present before its first write are dead.
 
 use std::path::Path;
+
+use crate::RepoError;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
@@ -32,9 +34,28 @@ pub(crate) fn note_start() {
     STARTED.get_or_init(SystemTime::now);
 }
 
+/// `objects` and `objects/pack` are directories of the repository's own,
+/// not symlinks someone who can write the repository put there: packs are
+/// written and partial ones removed with this process's rights.
+pub(crate) fn pack_dir_here(git_dir: &Path) -> Result<(), RepoError> {
+    let objects = git_dir.join("objects");
+    for dir in [objects.clone(), objects.join("pack")] {
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.file_type().is_dir() => {}
+            // Created by libgit2 when needed, not followed.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            _ => return Err(RepoError::PacksElsewhere(dir)),
+        }
+    }
+    Ok(())
+}
+
 /// Removes every partial pack in `git_dir`; returns how many. Only for a
 /// process that has not written a pack there yet: then they are all dead.
 pub(crate) fn clear_dead_temporary_packs(git_dir: &Path) -> usize {
+    if pack_dir_here(git_dir).is_err() {
+        return 0;
+    }
     let Ok(entries) = std::fs::read_dir(git_dir.join("objects").join("pack")) else {
         return 0;
     };
@@ -54,7 +75,10 @@ pub(crate) fn clear_dead_temporary_packs(git_dir: &Path) -> usize {
 
 /// When `lock` counts as stale: None if there is no such file.
 pub(crate) fn stale_at(lock: &Path) -> Option<SystemTime> {
-    let modified = lock.metadata().and_then(|m| m.modified()).ok()?;
+    // The lock's own time, not that of what a planted symlink points at.
+    let modified = std::fs::symlink_metadata(lock)
+        .and_then(|m| m.modified())
+        .ok()?;
     let packed_refs = lock.file_name().is_some_and(|n| n == "packed-refs.lock");
     let before_start = STARTED.get().is_some_and(|s| modified < *s);
     Some(if packed_refs {

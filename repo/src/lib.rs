@@ -19,6 +19,7 @@
 //! "absent" is `None`; ref names are full (`refs/heads/main`).
 
 pub mod config;
+pub mod confine;
 pub mod error;
 pub mod hooks;
 pub mod replica;

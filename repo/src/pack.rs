@@ -98,6 +98,7 @@ impl Replica {
         &self,
         pieces: impl IntoIterator<Item = Result<Vec<u8>, E>>,
     ) -> Result<u64, RepoError> {
+        crate::leftovers::pack_dir_here(self.repo.path())?;
         let odb = self.repo.odb()?;
         let mut writer = odb.packwriter()?;
         let mut len: u64 = 0;

@@ -58,6 +58,7 @@ impl Replica {
     /// All direct (non-symbolic) refs under `refs/` except `refs/remotes/`,
     /// name -> target id. Annotated tags give the tag object id, not peeled.
     pub fn refs(&self) -> Result<BTreeMap<String, String>, RepoError> {
+        self.packed_refs_readable("refs/*")?;
         let mut out = BTreeMap::new();
         for reference in self.repo.references()? {
             let reference = reference?;
@@ -76,6 +77,7 @@ impl Replica {
     /// is followed to the id it finally resolves to.
     pub fn ref_value(&self, name: &str) -> Result<Option<String>, RepoError> {
         check_ref_name(name)?;
+        self.packed_refs_readable(name)?;
         Ok(self.lookup(name)?.map(|oid| oid.to_string()))
     }
 
@@ -151,6 +153,7 @@ impl Replica {
         if !name.starts_with("refs/") {
             return Err(RepoError::InvalidRefName(name.to_string()));
         }
+        self.refuse_symlinks_on_the_way(name)?;
         let expected = expected.map(parse_id).transpose()?;
         let new = new.map(parse_id).transpose()?;
         if let Some(new) = new {
@@ -192,6 +195,9 @@ impl Replica {
         new: Option<&str>,
         message: &str,
     ) -> Result<(), RepoError> {
+        // Before anything is kept of a move that would be refused.
+        check_ref_name(name)?;
+        self.refuse_symlinks_on_the_way(name)?;
         if let Some(old) = expected {
             // A commit stays reachable from a descendant; any other object
             // (an annotated tag, say) only from itself.
@@ -212,16 +218,94 @@ impl Replica {
         self.set_ref(name, expected, new, message)
     }
 
+    /// Refuses a ref whose file or reflog, the packed refs or HEAD's
+    /// reflog (appended to when HEAD's ref moves) would be reached through
+    /// a symlink inside the repository, or are not plain files (a FIFO; a
+    /// reflog hard-linked elsewhere). Whoever may write `refs/` could point one
+    /// into a repository or at a file they may not write, and the node
+    /// writes, appends to and deletes with its own rights. A few lstat
+    /// calls per ref written, none per ref read.
+    ///
+    /// Not closed: a swap between this check and libgit2's write. The way
+    /// to close it is to write with the pushers' rights, not the node's.
+    fn refuse_symlinks_on_the_way(&self, name: &str) -> Result<(), RepoError> {
+        let reflog = format!("logs/{name}");
+        for relative in [name, reflog.as_str(), "packed-refs", "logs/HEAD"] {
+            // Ref files and packed-refs are replaced by a rename; reflogs
+            // are appended to in place, so a hard link would be written.
+            let appended = relative.starts_with("logs/");
+            let mut path = self.repo.path().to_path_buf();
+            let mut steps = relative.split('/').peekable();
+            while let Some(step) = steps.next() {
+                path.push(step);
+                let meta = match std::fs::symlink_metadata(&path) {
+                    Ok(m) => m,
+                    // What does not exist yet is created, not followed; and
+                    // where a file stands for a directory, libgit2 says so.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                        ) =>
+                    {
+                        break
+                    }
+                    Err(e) => return Err(RepoError::io(path, e)),
+                };
+                let kind = meta.file_type();
+                let fine = if steps.peek().is_some() {
+                    !kind.is_symlink()
+                } else {
+                    // A directory is libgit2's to refuse (refs/heads/a
+                    // when refs/heads/a/b exists).
+                    kind.is_dir()
+                        || (kind.is_file()
+                            && (!appended || std::os::unix::fs::MetadataExt::nlink(&meta) == 1))
+                };
+                if !fine {
+                    return Err(RepoError::RefThroughSymlink {
+                        name: name.to_string(),
+                        link: path,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// libgit2 reads packed-refs for any ref, following a symlink and
+    /// waiting on a FIFO someone who can write the repository put there
+    /// (which would hold the node's pass, and its group, for good).
+    fn packed_refs_readable(&self, reading: &str) -> Result<(), RepoError> {
+        let path = self.repo.path().join("packed-refs");
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if !m.file_type().is_file() => Err(RepoError::RefThroughSymlink {
+                name: reading.to_string(),
+                link: path,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes `name` = `oid` (overwriting), with a reflog that keeps every
+    /// earlier value.
+    fn keep_as(&self, name: &str, oid: Oid, message: &str) -> Result<(), RepoError> {
+        self.refuse_symlinks_on_the_way(name)?;
+        self.repo.reference_ensure_log(name)?;
+        self.repo.reference(name, oid, true, message)?;
+        Ok(())
+    }
+
     fn keep_displaced(&self, name: &str, old: &str, message: &str) -> Result<(), RepoError> {
         let oid = parse_id(old)?;
         let stable = format!("{OWN_NAMESPACE}displaced/{name}");
-        let write = |keep_as: &str| -> Result<(), git2::Error> {
-            self.repo.reference_ensure_log(keep_as)?;
-            self.repo.reference(keep_as, oid, true, message).map(drop)
-        };
+        let write = |keep_as: &str| self.keep_as(keep_as, oid, message);
         // refs/heads/a and refs/heads/a/b can exist at different times, but
         // their displaced names cannot both be files: fall back to a unique name.
         if let Err(e) = write(&stable) {
+            if let RepoError::RefThroughSymlink { .. } = e {
+                return Err(e);
+            }
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos())
@@ -229,7 +313,7 @@ impl Replica {
             let unique = format!("{OWN_NAMESPACE}displaced/at-{nanos}/{name}");
             tracing::debug!(
                 name,
-                error = e.message(),
+                error = %e,
                 keep_as = unique,
                 "displaced name taken"
             );
@@ -250,9 +334,7 @@ impl Replica {
         let mut written = Vec::new();
         for (name, id) in refs {
             let keep_as = format!("{prefix}{name}");
-            self.repo.reference_ensure_log(&keep_as)?;
-            self.repo
-                .reference(&keep_as, parse_id(id)?, true, message)?;
+            self.keep_as(&keep_as, parse_id(id)?, message)?;
             written.push(keep_as);
         }
         Ok(written)

@@ -301,3 +301,26 @@ fn is_complete_notices_a_missing_blob_deep_in_a_tree() {
         Err(RepoError::InvalidId(_))
     ));
 }
+
+/// A pack goes into the repository's own objects/pack, never through a
+/// symlink that someone who can write the repository put in its place.
+#[test]
+fn a_pack_is_never_written_through_a_symlinked_pack_directory() {
+    let (root, h) = setup();
+    let a = Replica::open(&h.bare).unwrap();
+    let pack = a.build_pack(&ids(&[&h.c2]), &[]).unwrap();
+    let elsewhere = root.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    for link in ["objects/pack", "objects"] {
+        let b_path = init_bare(root.path(), &format!("b-{}.git", link.len()));
+        let real = b_path.join(link);
+        fs::rename(&real, root.path().join(format!("away-{}", link.len()))).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &real).unwrap();
+        let b = Replica::open(&b_path).unwrap();
+        match b.index_pack(&pack) {
+            Err(RepoError::PacksElsewhere(p)) => assert_eq!(p, real),
+            other => panic!("{link}: expected a refusal, got {other:?}"),
+        }
+        assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0, "{link}");
+    }
+}

@@ -298,3 +298,110 @@ fn set_ref_sees_a_change_made_by_git_after_open() {
     }
     assert_eq!(git(&h.bare, &["rev-parse", "refs/heads/main"]), c5);
 }
+
+/// Whoever may write `refs/` can plant symlinks there, but the node writes
+/// with its own rights: no ref is created, moved or deleted, and no reflog
+/// appended to, through a symlink; what lies behind it is untouched.
+#[test]
+fn set_ref_never_writes_through_a_symlink_in_the_repository() {
+    use std::os::unix::fs::symlink;
+    let root = tempfile::tempdir().unwrap();
+    let h = history(root.path());
+    git(&h.bare, &["config", "core.logAllRefUpdates", "true"]);
+    let elsewhere = init_bare(root.path(), "elsewhere.git");
+    git(
+        &h.work,
+        &["push", "--quiet", elsewhere.to_str().unwrap(), "main"],
+    );
+    let victim = root.path().join("victim");
+    fs::write(&victim, "untouched\n").unwrap();
+    let r = Replica::open(&h.bare).unwrap();
+    let refused = |result: Result<(), RepoError>, link: &str| match result {
+        Err(RepoError::RefThroughSymlink { link: l, .. }) => {
+            assert_eq!(l, h.bare.join(link));
+        }
+        other => panic!("expected a refusal at {link}, got {other:?}"),
+    };
+
+    // A directory under refs/heads leading into another repository.
+    symlink(elsewhere.join("refs/heads"), h.bare.join("refs/heads/evil")).unwrap();
+    let theirs = "refs/heads/evil/main";
+    refused(
+        r.set_ref(theirs, Some(&h.c3), None, "delete"),
+        "refs/heads/evil",
+    );
+    refused(
+        r.set_ref(theirs, Some(&h.c3), Some(&h.c1), "move"),
+        "refs/heads/evil",
+    );
+    refused(
+        r.set_ref("refs/heads/evil/new", None, Some(&h.c1), "create"),
+        "refs/heads/evil",
+    );
+    refused(
+        r.set_ref_keeping_old(theirs, Some(&h.c3), Some(&h.c4), "move"),
+        "refs/heads/evil",
+    );
+    assert_eq!(
+        git(
+            &elsewhere,
+            &["for-each-ref", "--format=%(refname) %(objectname)"]
+        ),
+        format!("refs/heads/main {}", h.c3)
+    );
+
+    // A ref file that is a symlink, and a reflog leading to a file.
+    symlink(
+        elsewhere.join("refs/heads/main"),
+        h.bare.join("refs/heads/linked"),
+    )
+    .unwrap();
+    refused(
+        r.set_ref("refs/heads/linked", Some(&h.c3), Some(&h.c1), "move"),
+        "refs/heads/linked",
+    );
+    r.set_ref("refs/heads/topic", None, Some(&h.c1), "create")
+        .unwrap();
+    fs::remove_file(h.bare.join("logs/refs/heads/topic")).unwrap();
+    symlink(&victim, h.bare.join("logs/refs/heads/topic")).unwrap();
+    refused(
+        r.set_ref("refs/heads/topic", Some(&h.c1), Some(&h.c2), "move"),
+        "logs/refs/heads/topic",
+    );
+    // HEAD's reflog, appended to when the ref HEAD names moves.
+    fs::rename(h.bare.join("logs/HEAD"), root.path().join("HEAD.log")).ok();
+    symlink(&victim, h.bare.join("logs/HEAD")).unwrap();
+    refused(
+        r.set_ref("refs/heads/main", Some(&h.c3), Some(&h.c4), "move"),
+        "logs/HEAD",
+    );
+    fs::remove_file(h.bare.join("logs/HEAD")).unwrap();
+    // The packed refs: another repository's, or a FIFO that would hold
+    // the node until the pusher lets go.
+    symlink(elsewhere.join("packed-refs"), h.bare.join("packed-refs")).unwrap();
+    refused(
+        r.set_ref("refs/heads/main", Some(&h.c3), Some(&h.c4), "move"),
+        "packed-refs",
+    );
+    fs::remove_file(h.bare.join("packed-refs")).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(h.bare.join("packed-refs"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    refused(
+        r.set_ref("refs/heads/main", Some(&h.c3), Some(&h.c4), "move"),
+        "packed-refs",
+    );
+    fs::remove_file(h.bare.join("packed-refs")).unwrap();
+    // The whole logs directory moved aside for one of its own.
+    fs::rename(h.bare.join("logs"), root.path().join("logs.away")).unwrap();
+    symlink(root.path().join("logs.away"), h.bare.join("logs")).unwrap();
+    refused(
+        r.set_ref("refs/heads/main", Some(&h.c3), Some(&h.c4), "move"),
+        "logs",
+    );
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched\n");
+    assert_eq!(git(&h.bare, &["rev-parse", "refs/heads/main"]), h.c3);
+    assert_eq!(git(&h.bare, &["rev-parse", "refs/heads/topic"]), h.c1);
+}

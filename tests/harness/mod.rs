@@ -278,6 +278,15 @@ pub fn fresh_listener() -> TcpListener {
     }
 }
 
+/// Writes `text` to a file only its owner can read, as a node requires of
+/// a secret.
+pub fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, text).expect("write a private file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod 600 a private file");
+}
+
 /// A currently free loopback port (bound, read, dropped). Never returns the
 /// same port twice within one test process.
 pub fn free_port() -> u16 {
@@ -376,6 +385,8 @@ fn spawn_logged<S: AsRef<std::ffi::OsStr>>(args: &[S], log: &Path) -> Child {
         .expect("open log");
     Command::new(piehole())
         .args(args)
+        // A test gives a node its secret itself, or none on purpose.
+        .env_remove("PIEHOLE_CLUSTER_SECRET")
         .stdin(Stdio::null())
         .stdout(f.try_clone().expect("dup log"))
         .stderr(f)
@@ -451,6 +462,10 @@ pub struct Cluster {
     /// The nodes cut off by [`Cluster::isolate`] and not healed yet.
     isolated: BTreeSet<u64>,
     pub backend: Backend,
+    /// The secret every node was given and its file, unless the test chose
+    /// its own or the peers speak TLS: for tests that speak the peer API
+    /// themselves.
+    pub secret: Option<(String, PathBuf)>,
     /// In etcd mode, the key prefix of this cluster's keys.
     pub etcd_prefix: String,
     /// In etcd mode, the `--etcd` of a node that reaches etcd some other
@@ -529,6 +544,25 @@ impl Cluster {
             .prefix("piehole-test-")
             .tempdir()
             .expect("tempdir");
+        // One secret for the whole cluster, as an operator gives every
+        // member the same file: a loopback node given none generates its
+        // own, which no other node would know. Not with TLS, which keeps
+        // outsiders off by itself, and not when the test chose the secrets.
+        let chosen = extra
+            .iter()
+            .chain((1..=n as u64).flat_map(per_node).collect::<Vec<_>>().iter())
+            .any(|a| a.starts_with("--cluster-secret-file"));
+        let secret = match backend {
+            Backend::RaftTls(_) => None,
+            _ if chosen => None,
+            _ => {
+                let secret = format!("harness secret {}", free_port());
+                let file = dir.path().join("cluster-secret");
+                write_private(&file, &format!("{secret}\n"));
+                extra.extend(["--cluster-secret-file".into(), file.display().to_string()]);
+                Some((secret, file))
+            }
+        };
         let nodes = (1..=n as u64)
             .map(|id| Node {
                 id,
@@ -551,6 +585,7 @@ impl Cluster {
             links,
             isolated: BTreeSet::new(),
             backend: backend.clone(),
+            secret,
             etcd_prefix: format!("/piehole-{}/", free_port()),
             etcd_via: BTreeMap::new(),
         }

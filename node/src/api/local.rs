@@ -412,7 +412,9 @@ impl Local for LocalService {
             if !lose.is_empty() && !r.dry_run {
                 let (p, prefix) = (path.clone(), format!("refs/piehole/kept/{}/", unix_secs()));
                 reply.saved = blocking(move || {
-                    Replica::open(&p)?.keep_under(&prefix, &lose, "piehole: install --force")
+                    piehole_repo::confine::confined(&p.clone(), || {
+                        Replica::open(&p)?.keep_under(&prefix, &lose, "piehole: install --force")
+                    })
                 })
                 .await
                 .map_err(repo_status)?;

@@ -61,7 +61,11 @@ impl tonic::service::Interceptor for PeerGate {
             if !constant_time_eq(given, secret.as_bytes()) {
                 let remote = req.remote_addr().map(|a| a.ip());
                 if REFUSALS.allow(&format!("secret {remote:?}")) {
-                    tracing::warn!(?remote, "peer call with a wrong cluster secret refused");
+                    tracing::warn!(
+                        ?remote,
+                        "peer call with a wrong cluster secret refused; {}",
+                        crate::peer_client::SECRET_HINT
+                    );
                 }
                 return Err(Status::unauthenticated("wrong cluster secret"));
             }

@@ -188,7 +188,7 @@ async fn ask(to: Option<u64>, addr: &str, auth: &PeerAuth) -> Result<pb::Cluster
     let mut client = peer_client::connect(to, addr, auth).map_err(|e| e.to_string())?;
     match tokio::time::timeout(ASK_TIMEOUT, client.cluster_info(pb::ClusterInfoRequest {})).await {
         Ok(Ok(reply)) => Ok(reply.into_inner()),
-        Ok(Err(status)) => Err(status.message().to_string()),
+        Ok(Err(status)) => Err(peer_client::refusal(&status)),
         Err(_) => Err(format!("no answer within {ASK_TIMEOUT:?}")),
     }
 }
@@ -486,7 +486,16 @@ async fn check_still_member(
     let mut foreign = BTreeSet::new();
     let mut ours = 0;
     while let Some(Ok((id, addr, reply))) = asks.join_next().await {
-        let Ok(reply) = reply else { continue };
+        let reply = match reply {
+            Ok(reply) => reply,
+            // Down members are normal at a restart; a refused secret is not,
+            // and raft would fail on it without a word at the default level.
+            Err(why) if why.contains(peer_client::SECRET_HINT) => {
+                tracing::warn!(node = id, %addr, "{why}");
+                continue;
+            }
+            Err(_) => continue,
+        };
         if reply.cluster_id != cluster_id {
             foreign.insert(format!("node {id} at {addr}"));
             continue;

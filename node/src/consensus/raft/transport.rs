@@ -20,6 +20,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use super::members::MemberBook;
 use super::proposals::Proposals;
 use super::DriverMsg;
+use crate::access::REFUSALS;
 use crate::peer_client::{self, PeerAuth};
 
 /// In the refusal a member sends to a node the cluster removed.
@@ -210,7 +211,13 @@ impl PeerSender {
                             .inbox
                             .send(DriverMsg::Removed(status.message().to_string()));
                     }
-                    Err(status.message().to_string())
+                    let why = peer_client::refusal(&status);
+                    if status.code() == tonic::Code::Unauthenticated
+                        && REFUSALS.allow(&format!("our secret at {}", self.to))
+                    {
+                        tracing::warn!(peer = self.to, "raft messages refused: {why}");
+                    }
+                    Err(why)
                 }
                 Err(_) => Err(format!("no answer within {deadline:?}")),
             };
