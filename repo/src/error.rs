@@ -42,7 +42,7 @@ pub enum RepoError {
     #[error("bad pack: {0}")]
     BadPack(String),
 
-    #[error("ref {name}: {} is a symlink or not a plain file, and refs are not written through one", .link.display())]
+    #[error("ref {name}: {} is a symlink, not a plain file, or a reflog hard-linked elsewhere; refs are not written through one", .link.display())]
     RefThroughSymlink { name: String, link: PathBuf },
 
     #[error("{}: a symlink or not a directory, and packs are not written through one", .0.display())]
